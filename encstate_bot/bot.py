@@ -1,0 +1,439 @@
+"""The maubot plugin: lifecycle and wiring. Sync data goes to the tracker, key requests to the
+request intake, joins to the courier; nothing here decides or sends keys itself."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Awaitable, Callable
+
+from maubot import Plugin
+from mautrix.api import Method, Path
+from mautrix.client import InternalEventType
+from mautrix.errors import MatrixConnectionError, MatrixRequestError
+from mautrix.types import EventType, ToDeviceEvent
+from mautrix.util.async_db import UpgradeTable
+from mautrix.util.config import BaseProxyConfig
+
+from . import protocol
+from .config import Config
+from .courier import Courier, RoomPolicy
+from .keyrequests import KeyRequests
+from .migrations import upgrade_table
+from .policy import Mode
+from .ratelimit import RequestGate
+from .store import AuditRow, OutboxItem, RoomRow, Store
+from .tracker import Tracker
+
+SELF_SUPPLY_TICK = 15
+PAGE = 100
+
+
+class EncStateBot(Plugin):
+    config: Config
+    store: Store
+    tracker: Tracker
+    courier: Courier
+    requests: KeyRequests
+
+    @classmethod
+    def get_config_class(cls) -> type[BaseProxyConfig]:
+        return Config
+
+    @classmethod
+    def get_db_upgrade_table(cls) -> UpgradeTable:
+        return upgrade_table
+
+    # Lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.config.load_and_update()
+        self._tasks: list[asyncio.Task] = []
+        self._patched: dict[str, Any] = {}
+        self._supply_asked: dict[tuple[str, str], float] = {}
+        self.ready = asyncio.Event()
+        self.store = Store(self.database)
+        self.room_rows: dict[str, RoomRow] = {r.room_id: r for r in await self.store.rooms()}
+        self.tracker = Tracker(self.store, self.client.crypto, self.log, self._on_new_state)
+        await self.tracker.load()
+        self.courier = Courier(
+            self.client,
+            self.store,
+            self.tracker,
+            self.room_policy,
+            self.log.getChild("courier"),
+            on_shared=self._notify_audit_room,
+        )
+        limits = self.config["rate_limits"]
+        self.requests = KeyRequests(
+            self.courier,
+            self.store,
+            RequestGate(
+                limits["per_device"]["burst"],
+                limits["per_device"]["per_second"],
+                limits["per_user"]["burst"],
+                limits["per_user"]["per_second"],
+                self.config["duplicate_window_seconds"],
+            ),
+            self.client.mxid,
+            self.client.device_id,
+            self.log.getChild("requests"),
+        )
+        if self.client.crypto is None:
+            self.log.error(
+                "encstate needs end-to-end encryption: give the client a device ID and "
+                "install maubot[encryption]. Until then it only records what it sees."
+            )
+        else:
+            self._install_crypto_hooks()
+            self.courier.start()
+        self.client.add_event_handler(
+            InternalEventType.SYNC_SUCCESSFUL, self._on_sync, wait_sync=True
+        )
+        self._tasks.append(asyncio.create_task(self._startup(), name="encstate-startup"))
+
+    async def stop(self) -> None:
+        self.client.remove_event_handler(InternalEventType.SYNC_SUCCESSFUL, self._on_sync)
+        self._remove_crypto_hooks()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.courier.stop()
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks_done)
+
+    def _tasks_done(self, task: asyncio.Task) -> None:
+        if task in self._tasks:
+            self._tasks.remove(task)
+        if not task.cancelled() and task.exception():
+            self.log.error(f"Task {task.get_name()} failed", exc_info=task.exception())
+
+    # Hooks on the shared Olm machine (restored in stop) -------------------------------------
+
+    def _install_crypto_hooks(self) -> None:
+        crypto = self.client.crypto
+        # Take key requests from other users over from mautrix; our intake reads them raw.
+        self.client.add_event_middleware(EventType.ROOM_KEY_REQUEST, self._own_requests_only)
+        # mautrix cannot decrypt MSC4362 state (it drops the inner state_key and fails); the
+        # tracker decrypts it, so keep it away from mautrix's decryptor.
+        self.client.add_event_middleware(EventType.ROOM_ENCRYPTED, self._not_encrypted_state)
+        for name in ("_receive_room_key", "_receive_forwarded_room_key"):
+            original = getattr(crypto, name, None)
+            if original is None:
+                self.log.warning(f"mautrix has no {name}; session arrival is polled instead")
+                continue
+            self._patched[name] = original
+            setattr(crypto, name, self._wrap_key_receiver(original))
+
+    def _remove_crypto_hooks(self) -> None:
+        crypto = self.client.crypto
+        if crypto is None:
+            return
+        self.client.remove_event_middleware(EventType.ROOM_KEY_REQUEST, self._own_requests_only)
+        self.client.remove_event_middleware(EventType.ROOM_ENCRYPTED, self._not_encrypted_state)
+        for name in self._patched:
+            if name in vars(crypto):
+                delattr(crypto, name)
+        self._patched = {}
+
+    async def _own_requests_only(self, evt: Any) -> bool:
+        return getattr(evt, "sender", None) == self.client.mxid
+
+    async def _not_encrypted_state(self, evt: Any) -> bool:
+        extra = getattr(evt, "unrecognized_", None) or {}
+        return getattr(evt, "state_key", None) is None and "state_key" not in extra
+
+    def _wrap_key_receiver(self, original: Callable[[Any], Awaitable[None]]):
+        async def receive(evt: Any) -> None:
+            await original(evt)
+            try:
+                content = evt.content
+                room_id, session_id = str(content.room_id), str(content.session_id)
+                raw = content.serialize()
+            except Exception:
+                return
+            if not self.tracker.tracked(room_id):
+                return
+            await self.tracker.note_session(
+                room_id,
+                session_id,
+                protocol.shared_history_flag(raw),
+                f"{evt.sender}/{getattr(evt, 'sender_device', None)}",
+            )
+            await self.tracker.session_received(room_id, session_id)
+
+        return receive
+
+    # Sync ---------------------------------------------------------------------------------------
+
+    async def _on_sync(self, evt: dict[str, Any]) -> None:
+        data = evt.get("data") or {}
+        meta = data.get("net.maunium.mautrix") or {}
+        first_ignored = bool(meta.get("is_first")) and self.client.ignore_first_sync
+        initial_ignored = bool(meta.get("is_initial")) and self.client.ignore_initial_sync
+        for room_id, room in (data.get("rooms") or {}).get("join", {}).items():
+            try:
+                await self._on_room_sync(room_id, room, live=not initial_ignored)
+            except Exception:
+                self.log.exception(f"Failed to process sync for {room_id}")
+        for raw in (data.get("to_device") or {}).get("events", []):
+            if not isinstance(raw, dict):
+                continue
+            if raw.get("type") == "m.room_key_request":
+                await self.requests.handle(raw.get("sender"), raw.get("content"))
+            elif first_ignored and raw.get("type") == "m.room.encrypted":
+                # maubot drops the first sync after a start: keep the room keys it carried.
+                await self._decrypt_skipped_to_device(raw)
+
+    async def _decrypt_skipped_to_device(self, raw: dict[str, Any]) -> None:
+        if self.client.crypto is None:
+            return
+        try:
+            await self.client.crypto.handle_to_device_event(ToDeviceEvent.deserialize(raw))
+        except Exception as e:
+            self.log.debug(f"Could not decrypt a to-device event from the first sync: {e}")
+
+    async def _on_room_sync(self, room_id: str, room: dict[str, Any], live: bool) -> None:
+        state = [e for e in (room.get("state") or {}).get("events", []) if isinstance(e, dict)]
+        timeline_data = room.get("timeline") or {}
+        timeline = [e for e in timeline_data.get("events", []) if isinstance(e, dict)]
+        was_tracked = self.tracker.tracked(room_id)
+        for raw in state + [e for e in timeline if "state_key" in e]:
+            await self.tracker.apply_plain_state(room_id, raw)
+        if not self.tracker.tracked(room_id):
+            return
+        await self.tracker.ingest(room_id, state + timeline)
+        if live:
+            await self._on_members(room_id, timeline)
+        if not was_tracked or room_id not in self.tracker.backfilled:
+            self._spawn(self._catch_up(room_id, None), f"encstate-backfill-{room_id}")
+        elif timeline_data.get("limited") and timeline_data.get("prev_batch"):
+            self._spawn(
+                self._catch_up(room_id, timeline_data["prev_batch"]), f"encstate-gap-{room_id}"
+            )
+
+    async def _on_members(self, room_id: str, events: list[dict[str, Any]]) -> None:
+        items: list[OutboxItem] = []
+        ignored: list[AuditRow] = []
+        policy = self.room_policy(room_id)
+        view = self.tracker.view(room_id)
+        ledger = self.tracker.ledgers.get(room_id)
+        for raw in events:
+            if raw.get("type") != "m.room.member" or not isinstance(raw.get("state_key"), str):
+                continue
+            user_id = raw["state_key"]
+            content = raw.get("content") if isinstance(raw.get("content"), dict) else {}
+            unsigned = raw.get("unsigned") if isinstance(raw.get("unsigned"), dict) else {}
+            prev = (unsigned.get("prev_content") or {}).get("membership")
+            membership = content.get("membership")
+            if user_id == self.client.mxid or membership == prev:
+                continue
+            if membership == "join" or (membership == "invite" and policy.share_with_invited):
+                trigger = membership
+            else:
+                continue
+            if not self.config["push_on_join"] or ledger is None or not ledger.state_sessions():
+                continue
+            if not view.empowered(self.client.mxid):
+                ignored.append(
+                    AuditRow(
+                        room_id=room_id,
+                        user_id=user_id,
+                        device_id=None,
+                        session_id=None,
+                        decision="ignore",
+                        reason=f"no push on {trigger}: the bot's power level "
+                        f"{view.user_level(self.client.mxid)} does not exceed users_default "
+                        f"{view.users_default}",
+                        trigger=trigger,
+                    )
+                )
+                self.log.info(f"Not pushing to {user_id} in {room_id}: bot not empowered")
+                continue
+            items.append(OutboxItem(room_id=room_id, user_id=user_id, trigger=trigger))
+        if ignored:
+            await self.store.add_audit(ignored)
+        if items:
+            await self.courier.submit(items)
+
+    # Start-up rescan, backfill and gap filling -----------------------------------------------
+
+    async def _startup(self) -> None:
+        try:
+            await self.rescan()
+        except Exception:
+            self.log.exception("Start-up rescan failed")
+        self.ready.set()
+        if self.client.crypto is not None and self.config["self_supply.enabled"]:
+            while True:
+                try:
+                    await self.self_supply()
+                except Exception:
+                    self.log.exception("Self-supply round failed")
+                await asyncio.sleep(SELF_SUPPLY_TICK)
+
+    async def rescan(self) -> None:
+        """Read every joined room's current state again (maubot ignores the first sync after a
+        start), then catch up on each state-encrypted room's timeline."""
+        started = time.monotonic()
+        rooms = await self.client.get_joined_rooms()
+        for room_id in rooms:
+            try:
+                state = await self.client.api.request(Method.GET, Path.v3.rooms[room_id].state)
+            except (MatrixRequestError, MatrixConnectionError) as e:
+                self.log.warning(f"Could not read the state of {room_id}: {e}")
+                continue
+            state = [e for e in state if isinstance(e, dict)]
+            for raw in state:
+                await self.tracker.apply_plain_state(room_id, raw)
+            if self.tracker.tracked(room_id):
+                await self.tracker.ingest(room_id, state)
+        for room_id in list(self.tracker.ledgers):
+            if room_id in rooms:
+                await self._catch_up(room_id, None)
+        for room_id, session_id in list(self.tracker.missing_sessions()):
+            await self.tracker.session_received(room_id, session_id)
+        tracked = [r for r in rooms if self.tracker.tracked(r)]
+        self.log.info(
+            f"Rescanned {len(rooms)} room(s) in {time.monotonic() - started:.2f} s; "
+            f"{len(tracked)} encrypt their state"
+        )
+
+    async def _catch_up(self, room_id: str, from_token: str | None) -> None:
+        """Page back through the timeline until an event the ledger knows, or the limit."""
+        ledger = self.tracker.ledger(room_id)
+        first_time = room_id not in self.tracker.backfilled
+        limit = self.config["backfill_limit"]
+        token = from_token
+        seen = 0
+        live_members: list[dict[str, Any]] = []
+        while seen < limit:
+            query: dict[str, Any] = {"dir": "b", "limit": min(PAGE, limit - seen)}
+            if token:
+                query["from"] = token
+            try:
+                resp = await self.client.api.request(
+                    Method.GET, Path.v3.rooms[room_id].messages, query_params=query
+                )
+            except (MatrixRequestError, MatrixConnectionError) as e:
+                self.log.warning(f"Could not read the timeline of {room_id}: {e}")
+                return
+            chunk = [e for e in resp.get("chunk", []) if isinstance(e, dict)]
+            if not chunk:
+                break
+            seen += len(chunk)
+            known = any(
+                e.get("event_id") in ledger.events or e.get("event_id") in ledger.messages
+                for e in chunk
+            )
+            chunk.reverse()
+            await self.tracker.ingest(room_id, chunk)
+            if not first_time:
+                live_members += chunk
+            token = resp.get("end")
+            if known or not token:
+                break
+        if live_members:
+            await self._on_members(room_id, live_members)
+        if first_time:
+            self.tracker.backfilled.add(room_id)
+            await self.store.set_backfilled(room_id)
+            self.log.info(f"Read back {seen} timeline event(s) of {room_id}")
+
+    # Self-supply --------------------------------------------------------------------------------
+
+    async def self_supply(self) -> None:
+        """Ask for the sessions of state the bot cannot decrypt, from their senders and the
+        room's other empowered members."""
+        crypto = self.client.crypto
+        retry = self.config["self_supply.retry_seconds"]
+        now = time.monotonic()
+        missing = self.tracker.missing_sessions()
+        if missing:
+            rooms = {room for room, _ in missing}
+            self.log.info(
+                f"Missing {len(missing)} state session(s) in {len(rooms)} room(s); asking for them"
+            )
+        for (room_id, session_id), rec in missing.items():
+            last = self._supply_asked.get((room_id, session_id))
+            if last is not None and now - last < retry:
+                continue
+            self._supply_asked[(room_id, session_id)] = now
+            users = {rec.sender} | set(self.tracker.view(room_id).empowered_users())
+            from_devices: dict[str, list[str]] = {}
+            sender_key = rec.sender_key
+            for user_id in users:
+                devices = await crypto.crypto_store.get_devices(user_id)
+                if devices is None:
+                    devices = (await crypto._fetch_keys([user_id], include_untracked=True)).get(
+                        user_id, {}
+                    )
+                ids = [
+                    d
+                    for d in devices
+                    if not (user_id == self.client.mxid and d == self.client.device_id)
+                ]
+                if ids:
+                    from_devices[user_id] = ids
+                if user_id == rec.sender and rec.device_id in devices and not sender_key:
+                    sender_key = devices[rec.device_id].identity_key
+            if not from_devices:
+                continue
+            try:
+                await crypto.request_room_key(
+                    room_id, sender_key or "", session_id, from_devices, timeout=0
+                )
+            except (MatrixRequestError, MatrixConnectionError) as e:
+                self.log.warning(f"Could not ask for session {session_id}: {e}")
+
+    # Policy in force ----------------------------------------------------------------------------
+
+    def room_policy(self, room_id: str) -> RoomPolicy:
+        row = self.room_rows.get(room_id)
+        mode = self.config.default_mode
+        if row is not None and row.mode:
+            try:
+                mode = Mode.parse(row.mode)
+            except ValueError:
+                pass
+        return RoomPolicy(
+            mode=mode,
+            share_with_invited=(
+                row.share_invited
+                if row is not None and row.share_invited is not None
+                else self.config["share_with_invited"]
+            ),
+            allow_mixed_shared_history=self.config["allow_mixed_shared_history"],
+            dry_run=(
+                row.dry_run
+                if row is not None and row.dry_run is not None
+                else self.config["dry_run"]
+            ),
+        )
+
+    async def _on_new_state(self, room_id: str, session_ids: set[str]) -> None:
+        await self.requests.session_arrived(room_id, session_ids)
+
+    async def _notify_audit_room(self, rows: list[AuditRow]) -> None:
+        room = self.config["audit_room"]
+        if not room:
+            return
+        lines = [
+            f"- {r.user_id} / {r.device_id}: session {r.session_id} from index {r.msg_index} "
+            f"in {r.room_id} ({r.trigger})"
+            for r in rows[:50]
+        ]
+        more = f"\n- … and {len(rows) - 50} more" if len(rows) > 50 else ""
+        try:
+            await self.client.send_notice(
+                room, markdown=f"encstate shared {len(rows)} key(s):\n" + "\n".join(lines) + more
+            )
+        except (MatrixRequestError, MatrixConnectionError) as e:
+            self.log.warning(f"Could not post to the audit room {room}: {e}")

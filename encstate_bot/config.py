@@ -1,0 +1,135 @@
+"""The plugin config: base-config.yaml, copied over on update and validated on load."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from mautrix.util.config import BaseProxyConfig, ConfigUpdateHelper, RecursiveDict
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap
+
+from .policy import Mode
+
+KEYS = (
+    "admins",
+    "read_only_commands",
+    "push_on_join",
+    "share_with_invited",
+    "require_cross_signed",
+    "allow_mixed_shared_history",
+    "dry_run",
+    "rate_limits.per_device.burst",
+    "rate_limits.per_device.per_second",
+    "rate_limits.per_user.burst",
+    "rate_limits.per_user.per_second",
+    "duplicate_window_seconds",
+    "self_supply.enabled",
+    "self_supply.retry_seconds",
+    "backfill_limit",
+    "audit_room",
+)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _need(ok: bool, key: str, what: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key!r} must be {what}, not {value!r}")
+
+
+BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "base-config.yaml")
+
+
+def _packaged_base() -> RecursiveDict[CommentedMap]:
+    with open(BASE_CONFIG) as fh:
+        return RecursiveDict(YAML().load(fh), CommentedMap)
+
+
+class Config(BaseProxyConfig):
+    def __init__(
+        self,
+        load: Callable[[], CommentedMap],
+        load_base: Callable[[], RecursiveDict[CommentedMap] | None],
+        save: Callable[[RecursiveDict[CommentedMap]], None],
+    ) -> None:
+        def base_with_defaults() -> RecursiveDict[CommentedMap] | None:
+            # maubot's standalone mode hands plugins an empty base config; use ours then.
+            base = load_base()
+            if (base is None or "push_on_join" not in base) and os.path.exists(BASE_CONFIG):
+                return _packaged_base()
+            return base
+
+        super().__init__(load, base_with_defaults, save)
+
+    def do_update(self, helper: ConfigUpdateHelper) -> None:
+        for key in KEYS:
+            helper.copy(key)
+
+    def load_and_update(self) -> None:
+        super().load_and_update()
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad key."""
+        admins = self["admins"]
+        _need(
+            isinstance(admins, list)
+            and all(isinstance(a, str) and a.startswith("@") and ":" in a for a in admins),
+            "admins",
+            "a list of Matrix user IDs",
+            admins,
+        )
+        _need(
+            self["read_only_commands"] in ("members", "admins"),
+            "read_only_commands",
+            '"members" or "admins"',
+            self["read_only_commands"],
+        )
+        for key in (
+            "push_on_join",
+            "share_with_invited",
+            "require_cross_signed",
+            "allow_mixed_shared_history",
+            "dry_run",
+            "self_supply.enabled",
+        ):
+            _need(isinstance(self[key], bool), key, "true or false", self[key])
+        for key in (
+            "rate_limits.per_device.burst",
+            "rate_limits.per_user.burst",
+            "backfill_limit",
+        ):
+            value = self[key]
+            _need(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                key,
+                "a whole number >= 0",
+                value,
+            )
+        for key in (
+            "rate_limits.per_device.per_second",
+            "rate_limits.per_user.per_second",
+            "duplicate_window_seconds",
+            "self_supply.retry_seconds",
+        ):
+            value = self[key]
+            _need(
+                isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+                key,
+                "a number >= 0",
+                value,
+            )
+        audit_room = self["audit_room"]
+        _need(
+            audit_room is None or (isinstance(audit_room, str) and audit_room.startswith("!")),
+            "audit_room",
+            "null or a room ID starting with '!'",
+            audit_room,
+        )
+
+    @property
+    def default_mode(self) -> Mode:
+        return Mode.CROSS_SIGNED if self["require_cross_signed"] else Mode.MEMBERS

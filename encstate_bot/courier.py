@@ -1,0 +1,556 @@
+"""The courier: the one place that sends keys.
+
+Work arrives as ``OutboxItem`` rows in the database (a request to answer, a member to push to),
+so a crash or restart resumes where it stopped. Two lanes drain the queue: requests (small,
+latency-sensitive) and pushes (bulk). For each batch the courier re-reads what can change under
+it (the bot's power, the requesters' membership, their devices), asks the policy for one
+decision per (device, session), then delivers in bulk: one key query for the users it lacks,
+one one-time-key claim for devices without an Olm session, Olm encryption in process, and at
+most 250 messages per ``sendToDevice`` call. Every decision becomes an audit row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from attr import dataclass
+from mautrix.api import Method, Path
+from mautrix.errors import MatrixConnectionError, MatrixRequestError, MNotFound
+from mautrix.types import (
+    DeviceIdentity,
+    EncryptionAlgorithm,
+    EventType,
+    ForwardedRoomKeyEventContent,
+    SessionID,
+    TrustState,
+)
+
+from . import protocol
+from .ledger import SessionFacts, SessionKind
+from .policy import (
+    Decision,
+    HeldSession,
+    Ignore,
+    Mode,
+    Requester,
+    RoomFacts,
+    Share,
+    Withhold,
+    decide,
+)
+from .store import AuditRow, OutboxItem, Store
+
+if TYPE_CHECKING:
+    from .tracker import SessionSource, Tracker
+
+MAX_PER_CALL = 250
+REQUEST_LANE = "request"
+PUSH_LANE = "push"
+PER_ROOM_ITEMS = 400  # one busy room cannot take a whole batch
+BATCH_ITEMS = 2000
+MEMBER_LOOKUP_LIMIT = 20  # above this many users in one room, fetch the whole member list
+MAX_BACKOFF_MS = 5 * 60 * 1000
+
+WITHHELD_TYPES = (EventType.ROOM_KEY_WITHHELD, EventType.ORG_MATRIX_ROOM_KEY_WITHHELD)
+
+
+@dataclass(frozen=True)
+class RoomPolicy:
+    """The per-room settings in force (config defaults with the room's overrides)."""
+
+    mode: Mode
+    share_with_invited: bool
+    allow_mixed_shared_history: bool
+    dry_run: bool
+
+
+@dataclass
+class Outcome:
+    """What one (device, session) came to."""
+
+    item: OutboxItem
+    device_id: str
+    session_id: str
+    decision: Decision
+    device: DeviceIdentity | None = None
+    sender_key: str | None = None
+
+
+def rounds(messages: list[tuple[str, str, Any]]) -> list[list[tuple[str, str, Any]]]:
+    """Split (user, device, content) messages so no device appears twice in one call, and no call
+    carries more than MAX_PER_CALL messages."""
+    per_round: list[list[tuple[str, str, Any]]] = []
+    seen: list[set[tuple[str, str]]] = []
+    for msg in messages:
+        key = (msg[0], msg[1])
+        for i, devices in enumerate(seen):
+            if key not in devices:
+                devices.add(key)
+                per_round[i].append(msg)
+                break
+        else:
+            seen.append({key})
+            per_round.append([msg])
+    chunks: list[list[tuple[str, str, Any]]] = []
+    for batch in per_round:
+        chunks.extend(batch[i : i + MAX_PER_CALL] for i in range(0, len(batch), MAX_PER_CALL))
+    return chunks
+
+
+def backoff_ms(attempts: int) -> int:
+    return min(1000 * 2 ** min(attempts, 16), MAX_BACKOFF_MS)
+
+
+class Courier:
+    def __init__(
+        self,
+        client: Any,
+        store: Store,
+        tracker: Tracker,
+        room_policy: Callable[[str], RoomPolicy],
+        log: logging.Logger,
+        on_shared: Callable[[list[AuditRow]], Any] | None = None,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.tracker = tracker
+        self.room_policy = room_policy
+        self.log = log
+        self.on_shared = on_shared
+        self._wake = {REQUEST_LANE: asyncio.Event(), PUSH_LANE: asyncio.Event()}
+        self._tasks: list[asyncio.Task] = []
+        self.sent_calls = 0  # sendToDevice calls that carried keys, for tests and status
+
+    @property
+    def crypto(self) -> Any:
+        return self.client.crypto
+
+    # Lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for lane in (REQUEST_LANE, PUSH_LANE):
+            self._tasks.append(asyncio.create_task(self._run(lane), name=f"encstate-{lane}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks = []
+
+    async def submit(self, items: Iterable[OutboxItem]) -> int:
+        items = list(items)
+        count = await self.store.enqueue(items)
+        for lane in {lane_of(i) for i in items}:
+            self._wake[lane].set()
+        return count
+
+    def wake(self) -> None:
+        for event in self._wake.values():
+            event.set()
+
+    async def _run(self, lane: str) -> None:
+        wake = self._wake[lane]
+        while True:
+            try:
+                worked = await self.drain(lane)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.log.exception(f"Courier ({lane}) failed; retrying in 5 s")
+                await asyncio.sleep(5)
+                continue
+            if worked:
+                continue
+            wake.clear()
+            next_due = await self.store.next_due_ms(lane == REQUEST_LANE)
+            timeout = 30.0
+            if next_due is not None:
+                timeout = max(0.05, min(timeout, (next_due - time.time() * 1000) / 1000))
+            try:
+                await asyncio.wait_for(wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    async def drain(self, lane: str) -> bool:
+        """Process one batch of due items of a lane; False if there was none."""
+        due = await self.store.due(BATCH_ITEMS, lane == REQUEST_LANE)
+        if not due:
+            return False
+        per_room: dict[str, list[OutboxItem]] = defaultdict(list)
+        for item in due:
+            if len(per_room[item.room_id]) < PER_ROOM_ITEMS:
+                per_room[item.room_id].append(item)
+        await self.deliver([i for items in per_room.values() for i in items])
+        return True
+
+    # One batch ----------------------------------------------------------------------------------
+
+    async def deliver(self, items: list[OutboxItem]) -> None:
+        outcomes: list[Outcome] = []
+        skipped: list[OutboxItem] = []
+        by_room: dict[str, list[OutboxItem]] = defaultdict(list)
+        for item in items:
+            by_room[item.room_id].append(item)
+        devices = await self._devices({i.user_id for i in items})
+        delivered = await self.store.delivered({i.user_id for i in items})
+        source = self.tracker.session_source()
+        for room_id, room_items in by_room.items():
+            try:
+                outcomes += await self._decide_room(
+                    room_id, room_items, devices, delivered, source
+                )
+            except (MatrixRequestError, MatrixConnectionError) as e:
+                self.log.warning(f"Could not read {room_id} for delivery, retrying later: {e}")
+                skipped += room_items
+        await self._send(items, outcomes, skipped, source)
+
+    async def _devices(self, user_ids: set[str]) -> dict[str, dict[str, DeviceIdentity]]:
+        """Device identities for these users, with one key query for those not known yet."""
+        store = self.crypto.crypto_store
+        found: dict[str, dict[str, DeviceIdentity]] = {}
+        unknown = []
+        for user_id in user_ids:
+            devices = await store.get_devices(user_id)
+            if devices is None:
+                unknown.append(user_id)
+            else:
+                found[user_id] = devices
+        if unknown:
+            try:
+                fetched = await self.crypto._fetch_keys(unknown, include_untracked=True)
+            except (MatrixRequestError, MatrixConnectionError) as e:
+                self.log.warning(f"Key query for {len(unknown)} user(s) failed: {e}")
+                fetched = {}
+            for user_id in unknown:
+                found[user_id] = fetched.get(user_id, {})
+        return found
+
+    async def _room_facts(self, room_id: str) -> tuple[RoomFacts, RoomPolicy]:
+        view = self.tracker.view(room_id)
+        # The bot's power can change under a long queue: read it fresh for every batch.
+        try:
+            content = await self.client.api.request(
+                Method.GET, Path.v3.rooms[room_id].state["m.room.power_levels"][""]
+            )
+            view.apply({"type": "m.room.power_levels", "state_key": "", "content": content})
+        except MNotFound:
+            pass
+        policy = self.room_policy(room_id)
+        facts = RoomFacts(
+            room_id=room_id,
+            bot_level=view.user_level(self.client.mxid),
+            users_default=view.users_default,
+            history_visibility=view.history_visibility,
+            mode=policy.mode,
+            share_with_invited=policy.share_with_invited,
+            allow_mixed_shared_history=policy.allow_mixed_shared_history,
+        )
+        return facts, policy
+
+    async def memberships(self, room_id: str, user_ids: set[str]) -> dict[str, str | None]:
+        """The homeserver's current word on these users' membership."""
+        if len(user_ids) <= MEMBER_LOOKUP_LIMIT:
+            result: dict[str, str | None] = {}
+            for user_id in user_ids:
+                try:
+                    content = await self.client.api.request(
+                        Method.GET, Path.v3.rooms[room_id].state["m.room.member"][user_id]
+                    )
+                    value = content.get("membership")
+                    result[user_id] = value if isinstance(value, str) else None
+                except MNotFound:
+                    result[user_id] = None
+            return result
+        resp = await self.client.api.request(Method.GET, Path.v3.rooms[room_id].members)
+        members: dict[str, str | None] = {}
+        for evt in resp.get("chunk", []):
+            content = evt.get("content") or {}
+            members[evt.get("state_key")] = content.get("membership")
+        return {user_id: members.get(user_id) for user_id in user_ids}
+
+    async def _decide_room(
+        self,
+        room_id: str,
+        items: list[OutboxItem],
+        devices: dict[str, dict[str, DeviceIdentity]],
+        delivered: set[tuple[str, str, str, int]],
+        source: SessionSource,
+    ) -> list[Outcome]:
+        facts, policy = await self._room_facts(room_id)
+        ledger = self.tracker.ledgers.get(room_id)
+        memberships = await self.memberships(room_id, {i.user_id for i in items})
+        held_cache: dict[str, tuple[Any, HeldSession | None]] = {}
+        outcomes: list[Outcome] = []
+        seen: set[tuple[str, str, str]] = set()
+        for item in items:
+            if ledger is None:
+                sessions = [item.session_id] if item.session_id else []
+            elif item.session_id:
+                sessions = [item.session_id]
+            else:
+                sessions = ledger.state_sessions()
+            user_devices = devices.get(item.user_id, {})
+            if item.device_id:
+                targets = [(item.device_id, user_devices.get(item.device_id))]
+            else:
+                targets = [(d, ident) for d, ident in user_devices.items() if not ident.deleted]
+            for session_id in sessions:
+                session = (
+                    ledger.facts(session_id)
+                    if ledger
+                    else SessionFacts(session_id=session_id, kind=SessionKind.UNKNOWN)
+                )
+                if session_id not in held_cache:
+                    held_cache[session_id] = await self._held(source, room_id, session_id)
+                group_session, held = held_cache[session_id]
+                for device_id, device in targets:
+                    if (item.user_id, device_id, session_id) in seen:
+                        continue
+                    seen.add((item.user_id, device_id, session_id))
+                    if item.user_id == self.client.mxid:
+                        continue
+                    who = await self._requester(
+                        item.user_id, device_id, device, memberships, facts
+                    )
+                    decision = decide(facts, who, session, held)
+                    if (
+                        isinstance(decision, Share)
+                        and item.trigger != REQUEST_LANE
+                        and (item.user_id, device_id, session_id, decision.index) in delivered
+                    ):
+                        continue  # never push the same (device, session, index) twice unasked
+                    outcomes.append(
+                        Outcome(
+                            item=item,
+                            device_id=device_id,
+                            session_id=session_id,
+                            decision=decision,
+                            device=device,
+                            sender_key=group_session.sender_key if group_session else None,
+                        )
+                    )
+        if policy.dry_run:
+            for outcome in outcomes:
+                if isinstance(outcome.decision, Share):
+                    outcome.decision = Ignore(
+                        f"dry run: would share from index {outcome.decision.index} "
+                        f"({outcome.decision.reason})"
+                    )
+        return outcomes
+
+    async def _requester(
+        self,
+        user_id: str,
+        device_id: str,
+        device: DeviceIdentity | None,
+        memberships: dict[str, str | None],
+        facts: RoomFacts,
+    ) -> Requester:
+        cross_signed = False
+        if device is not None and facts.mode == Mode.CROSS_SIGNED:
+            trust = await self.crypto.resolve_trust(device)
+            cross_signed = trust >= TrustState.CROSS_SIGNED_UNTRUSTED
+        return Requester(
+            user_id=user_id,
+            device_id=device_id,
+            membership=memberships.get(user_id),
+            device_known=device is not None,
+            blacklisted=device is not None and device.trust == TrustState.BLACKLISTED,
+            cross_signed=cross_signed,
+        )
+
+    async def _held(
+        self, source: SessionSource, room_id: str, session_id: str
+    ) -> tuple[Any, HeldSession | None]:
+        session = await source.get(room_id, session_id)
+        if session is None:
+            return None, None
+        return session, HeldSession(
+            first_known_index=session.first_known_index,
+            shared_history=(room_id, session_id) in self.tracker.shared_history,
+        )
+
+    # Sending ------------------------------------------------------------------------------------
+
+    async def _send(
+        self,
+        items: list[OutboxItem],
+        outcomes: list[Outcome],
+        skipped: list[OutboxItem],
+        source: SessionSource,
+    ) -> None:
+        shares = [o for o in outcomes if isinstance(o.decision, Share)]
+        failed_items: set[int] = {i.id for i in skipped if i.id is not None}
+        sent: list[Outcome] = []
+        if shares:
+            sent, failed = await self._send_keys(shares, source)
+            failed_items |= {o.item.id for o in failed if o.item.id is not None}
+        withholds = [
+            o
+            for o in outcomes
+            if isinstance(o.decision, Withhold) and o.item.trigger == REQUEST_LANE
+        ]
+        if withholds:
+            failed_items |= await self._send_withheld(withholds)
+        audit = [self._audit_row(o) for o in outcomes if o.item.id not in failed_items]
+        audit = [row for row in audit if row is not None]
+        delivered = [
+            (o.item.user_id, o.device_id, o.session_id, o.decision.index, o.item.room_id)
+            for o in sent
+            if isinstance(o.decision, Share)
+        ]
+        done = [i.id for i in items if i.id is not None and i.id not in failed_items]
+        await self.store.finish(done, audit, delivered)
+        retry = [i for i in items if i.id in failed_items]
+        for item in retry:
+            await self.store.retry_later([item.id], backoff_ms(item.attempts))
+        for o in outcomes:
+            if o.item.id not in failed_items:
+                self._log(o)
+        if self.on_shared and sent:
+            shared_rows = [r for r in audit if r.decision == "share"]
+            if shared_rows:
+                await self.on_shared(shared_rows)
+
+    async def _send_keys(
+        self, shares: list[Outcome], source: SessionSource
+    ) -> tuple[list[Outcome], list[Outcome]]:
+        """Olm-encrypt and send the forwarded keys; returns (sent, failed)."""
+        crypto = self.crypto
+        store = crypto.crypto_store
+        missing: dict[str, dict[str, DeviceIdentity]] = defaultdict(dict)
+        for o in shares:
+            assert o.device is not None
+            if not await store.has_session(o.device.identity_key):
+                missing[o.item.user_id][o.device_id] = o.device
+        if missing:
+            try:
+                await crypto._create_outbound_sessions(missing)
+            except Exception as e:
+                self.log.warning(f"One-time key claim failed: {e}")
+        exports: dict[tuple[str, str, int], ForwardedRoomKeyEventContent] = {}
+        messages: list[tuple[str, str, Any]] = []
+        by_message: dict[int, Outcome] = {}
+        failed: list[Outcome] = []
+        async with crypto._olm_lock:
+            for o in shares:
+                assert o.device is not None and isinstance(o.decision, Share)
+                olm_session = await store.get_latest_session(o.device.identity_key)
+                if olm_session is None:
+                    o.decision = Withhold(protocol.NO_OLM, "no Olm session could be established")
+                    continue
+                key = (o.item.room_id, o.session_id, o.decision.index)
+                if key not in exports:
+                    group_session = await source.get(o.item.room_id, o.session_id)
+                    exports[key] = forwarded_content(
+                        group_session,
+                        o.item.room_id,
+                        o.session_id,
+                        o.decision.index,
+                        (o.item.room_id, o.session_id) in self.tracker.shared_history,
+                    )
+                encrypted = await crypto._encrypt_olm_event(
+                    olm_session, o.device, EventType.FORWARDED_ROOM_KEY, exports[key]
+                )
+                by_message[id(encrypted)] = o
+                messages.append((o.item.user_id, o.device_id, encrypted))
+        sent: list[Outcome] = []
+        for chunk in rounds(messages):
+            outcomes = [by_message[id(m[2])] for m in chunk]
+            try:
+                await self._send_chunk(EventType.TO_DEVICE_ENCRYPTED, chunk)
+            except (MatrixRequestError, MatrixConnectionError) as e:
+                self.log.warning(f"sendToDevice of {len(chunk)} key(s) failed: {e}")
+                failed += outcomes
+            else:
+                self.sent_calls += 1
+                sent += outcomes
+        return sent, failed
+
+    async def _send_withheld(self, withholds: list[Outcome]) -> set[int]:
+        messages = []
+        for o in withholds:
+            assert isinstance(o.decision, Withhold)
+            content = {
+                "algorithm": EncryptionAlgorithm.MEGOLM_V1.value,
+                "room_id": o.item.room_id,
+                "session_id": o.session_id,
+                "sender_key": o.sender_key or "",
+                "code": o.decision.code,
+                "reason": o.decision.reason,
+            }
+            messages.append((o.item.user_id, o.device_id, content))
+        failed: set[int] = set()
+        for chunk in rounds(messages):
+            for event_type in WITHHELD_TYPES:
+                try:
+                    await self._send_chunk(event_type, chunk)
+                except (MatrixRequestError, MatrixConnectionError) as e:
+                    self.log.warning(f"Sending {len(chunk)} withheld notice(s) failed: {e}")
+                    failed |= {o.item.id for o in withholds if o.item.id is not None}
+        return failed
+
+    async def _send_chunk(self, event_type: EventType, chunk: list[tuple[str, str, Any]]) -> None:
+        body: dict[str, dict[str, Any]] = defaultdict(dict)
+        for user_id, device_id, content in chunk:
+            body[user_id][device_id] = content
+        await self.client.send_to_device(event_type, body)
+
+    # Records ------------------------------------------------------------------------------------
+
+    def _audit_row(self, o: Outcome) -> AuditRow | None:
+        d = o.decision
+        common = dict(
+            room_id=o.item.room_id,
+            user_id=o.item.user_id,
+            device_id=o.device_id,
+            session_id=o.session_id,
+            trigger=o.item.trigger,
+            request_id=o.item.request_id,
+        )
+        if isinstance(d, Share):
+            return AuditRow(
+                decision="share", reason=d.reason, msg_index=d.index, exposed=d.exposed, **common
+            )
+        if isinstance(d, Withhold):
+            return AuditRow(decision="withhold", code=d.code, reason=d.reason, **common)
+        return AuditRow(decision="ignore", reason=d.reason, **common)
+
+    def _log(self, o: Outcome) -> None:
+        d = o.decision
+        who = f"{o.item.user_id}/{o.device_id} in {o.item.room_id}, session {o.session_id}"
+        if isinstance(d, Share):
+            self.log.info(f"Shared {who} from index {d.index} ({o.item.trigger}): {d.reason}")
+        elif isinstance(d, Withhold):
+            self.log.info(f"Withheld {who} with {d.code} ({o.item.trigger}): {d.reason}")
+        else:
+            self.log.info(f"Ignored {who} ({o.item.trigger}): {d.reason}")
+
+
+def lane_of(item: OutboxItem) -> str:
+    return REQUEST_LANE if item.trigger == REQUEST_LANE else PUSH_LANE
+
+
+def forwarded_content(
+    session: Any, room_id: str, session_id: str, index: int, shared_history: bool
+) -> ForwardedRoomKeyEventContent:
+    content = ForwardedRoomKeyEventContent(
+        algorithm=EncryptionAlgorithm.MEGOLM_V1,
+        room_id=room_id,
+        session_id=SessionID(session_id),
+        session_key=session.export_session(index),
+        sender_key=session.sender_key,
+        signing_key=session.signing_key,
+        forwarding_key_chain=list(session.forwarding_chain or []),
+    )
+    if shared_history:
+        content["shared_history"] = True
+    return content

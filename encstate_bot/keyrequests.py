@@ -1,0 +1,159 @@
+"""Incoming ``m.room_key_request``: parse the raw content, coalesce duplicates, rate-limit,
+honour cancellations, and hand what is left to the courier.
+
+Requests the bot could not serve because it did not hold the session yet are remembered for a
+while and answered again when the session arrives.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+import logging
+import time
+from typing import Any
+
+from . import protocol
+from .courier import Courier
+from .ratelimit import RequestGate
+from .store import AuditRow, OutboxItem, Store
+
+WAIT_FOR_KEY_SECONDS = 600
+MAX_WAITING = 10_000
+DROP_AUDIT_SECONDS = 60
+
+
+class KeyRequests:
+    def __init__(
+        self,
+        courier: Courier,
+        store: Store,
+        gate: RequestGate,
+        own_user: str,
+        own_device: str | None,
+        log: logging.Logger,
+    ) -> None:
+        self.courier = courier
+        self.store = store
+        self.gate = gate
+        self.own_user = own_user
+        self.own_device = own_device
+        self.log = log
+        # (user, device, request_id) -> (room, session, time): kept to answer again on arrival
+        self.waiting: OrderedDict[tuple[str, str, str], tuple[str, str, float]] = OrderedDict()
+        self.dropped: dict[str, int] = {}
+        self._last_drop_audit: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    async def handle(self, sender: Any, content: Any) -> None:
+        parsed = protocol.parse_key_request(sender, content)
+        if isinstance(parsed, protocol.Invalid):
+            self.log.info(
+                f"Ignoring malformed key request from {str(sender)[:80]}: {parsed.reason}"
+            )
+            self._count("malformed")
+            return
+        if parsed.user_id == self.own_user:
+            return  # the bot's own devices: mautrix's own key sharing handles those
+        if isinstance(parsed, protocol.KeyCancellation):
+            await self.cancel(parsed)
+            return
+        now = time.monotonic()
+        refusal = self.gate.admit(
+            parsed.user_id, parsed.device_id, parsed.request_id, parsed.session_id, now
+        )
+        if refusal is not None:
+            self._count(refusal)
+            self.log.debug(
+                f"Dropping key request {parsed.request_id} from "
+                f"{parsed.user_id}/{parsed.device_id}: {refusal}"
+            )
+            await self._audit_drop(parsed, refusal, now)
+            return
+        self._remember(parsed, now)
+        self.log.debug(
+            f"Key request {parsed.request_id} from {parsed.user_id}/{parsed.device_id} for "
+            f"{parsed.session_id} in {parsed.room_id}"
+        )
+        await self.courier.submit(
+            [
+                self._item(
+                    parsed.user_id,
+                    parsed.device_id,
+                    parsed.request_id,
+                    parsed.room_id,
+                    parsed.session_id,
+                )
+            ]
+        )
+
+    @staticmethod
+    def _item(
+        user_id: str, device_id: str, request_id: str, room_id: str, session_id: str
+    ) -> OutboxItem:
+        return OutboxItem(
+            room_id=room_id,
+            user_id=user_id,
+            device_id=device_id,
+            session_id=session_id,
+            trigger="request",
+            request_id=request_id,
+        )
+
+    async def cancel(self, cancel: protocol.KeyCancellation) -> None:
+        key = (cancel.user_id, cancel.device_id, cancel.request_id)
+        self.waiting.pop(key, None)
+        removed = await self.store.cancel_request(*key)
+        self.log.debug(
+            f"Request {cancel.request_id} of {cancel.user_id}/{cancel.device_id} cancelled "
+            f"({removed} queued answer(s) dropped)"
+        )
+
+    def _remember(self, req: protocol.KeyRequest, now: float) -> None:
+        self.waiting[(req.user_id, req.device_id, req.request_id)] = (
+            req.room_id,
+            req.session_id,
+            now,
+        )
+        while len(self.waiting) > MAX_WAITING:
+            self.waiting.popitem(last=False)
+
+    async def session_arrived(self, room_id: str, session_ids: set[str]) -> None:
+        """Answer again the recent requests for sessions that just became decryptable."""
+        now = time.monotonic()
+        for key in [k for k, v in self.waiting.items() if now - v[2] > WAIT_FOR_KEY_SECONDS]:
+            del self.waiting[key]
+        items = [
+            self._item(user, device, request_id, room, session)
+            for (user, device, request_id), (room, session, _) in self.waiting.items()
+            if room == room_id and session in session_ids
+        ]
+        if items:
+            self.log.info(f"Answering {len(items)} earlier request(s) for newly held sessions")
+            await self.courier.submit(items)
+
+    def _count(self, why: str) -> None:
+        self.dropped[why] = self.dropped.get(why, 0) + 1
+
+    async def _audit_drop(self, req: protocol.KeyRequest, why: str, now: float) -> None:
+        """Audit the first dropped request per device and minute (the rest are counted), so a
+        flood cannot fill the database."""
+        key = (req.user_id, req.device_id)
+        last = self._last_drop_audit.pop(key, None)
+        self._last_drop_audit[key] = last if last and now - last < DROP_AUDIT_SECONDS else now
+        while len(self._last_drop_audit) > MAX_WAITING:
+            self._last_drop_audit.popitem(last=False)
+        if last and now - last < DROP_AUDIT_SECONDS:
+            return
+        await self.store.add_audit(
+            [
+                AuditRow(
+                    room_id=req.room_id,
+                    user_id=req.user_id,
+                    device_id=req.device_id,
+                    session_id=req.session_id,
+                    decision="ignore",
+                    reason=f"{why} (further drops from this device this minute are counted)",
+                    trigger="request",
+                    request_id=req.request_id,
+                )
+            ]
+        )

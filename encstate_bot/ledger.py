@@ -1,0 +1,321 @@
+"""The ledger: which megolm sessions carry which encrypted state, and what sharing one exposes.
+
+Pure data structures. The bot feeds it what it sees (state events, timeline messages, decryption
+results); the policy asks it about one session at a time. A session id in an event is only a
+claim: a session counts as *state* only through state events that decrypted and validated, and
+as *used for messages* only through timeline payloads that decrypted and are not replayed state.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Iterable
+
+from attr import dataclass, evolve
+
+# A timestamp more than a day ahead pins a value forever under the conflict rule.
+FAR_FUTURE_MS = 24 * 3600 * 1000
+
+
+class Status(str, Enum):
+    PENDING = "pending"  # the bot does not hold (this index of) the session yet
+    VALID = "valid"  # decrypted and passed MSC4362 validation
+    INVALID = "invalid"  # decrypted, failed validation, or does not decrypt at all
+
+
+class MessageStatus(str, Enum):
+    PENDING = "pending"  # not decrypted yet
+    MESSAGE = "message"  # decrypted: the session encrypted a timeline message
+    REPLAY = "replay"  # decrypted to state, or reuses a state event's index: not a message
+    GARBAGE = "garbage"  # does not decrypt with the session it names
+
+
+@dataclass(frozen=True)
+class StateRecord:
+    room_id: str
+    event_id: str
+    outer_key: str
+    session_id: str
+    sender: str
+    origin_ts: int
+    msg_index: int | None
+    ciphertext: str
+    sender_key: str | None = None
+    device_id: str | None = None
+    status: Status = Status.PENDING
+    inner_type: str | None = None
+    inner_key: str | None = None
+    reason: str | None = None
+    # True when the payload decrypted but was a message posing as state (no state_key).
+    message_payload: bool = False
+
+    @property
+    def pair(self) -> tuple[str, str] | None:
+        if self.status != Status.VALID or self.inner_type is None or self.inner_key is None:
+            return None
+        return self.inner_type, self.inner_key
+
+    @property
+    def decrypted(self) -> bool:
+        return self.status == Status.VALID or (
+            self.status == Status.INVALID and self.inner_type is not None
+        )
+
+    def sort_key(self) -> tuple[int, str]:
+        """MSC3414's conflict rule: newest origin_server_ts, then event_id, last one wins."""
+        return self.origin_ts, self.event_id
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    room_id: str
+    event_id: str
+    session_id: str
+    msg_index: int | None
+    ciphertext: str | None
+    status: MessageStatus = MessageStatus.PENDING
+
+
+class SessionKind(str, Enum):
+    UNKNOWN = "unknown"  # no event the bot saw names it
+    PENDING = "pending"  # named by state events the bot cannot decrypt yet
+    MESSAGE = "message"  # encrypted messages only
+    STATE = "state"  # encrypted valid state only
+    MIXED = "mixed"  # encrypted valid state and messages
+
+
+@dataclass(frozen=True)
+class SessionFacts:
+    session_id: str
+    kind: SessionKind
+    current: tuple[StateRecord, ...] = ()
+    superseded: tuple[StateRecord, ...] = ()
+    message_indices: frozenset[int] = frozenset()
+    safe_index: int | None = None
+    # superseded values still readable when exporting from safe_index
+    exposed: tuple[StateRecord, ...] = ()
+    # indices between safe_index and the highest known index that the bot never saw decrypt
+    gaps: tuple[int, ...] = ()
+
+    @property
+    def best_rank(self) -> int:
+        from .protocol import aesthetic_rank
+
+        return min((aesthetic_rank(rec.inner_type) for rec in self.current), default=99)
+
+
+class RoomLedger:
+    """Everything the bot knows about one room's encrypted state and its sessions."""
+
+    def __init__(self, room_id: str) -> None:
+        self.room_id = room_id
+        self.events: dict[str, StateRecord] = {}
+        self.messages: dict[str, MessageRecord] = {}
+        self._state_by_session: dict[str, set[str]] = {}
+        self._messages_by_session: dict[str, set[str]] = {}
+        self._winners: dict[tuple[str, str], str] = {}
+        self._facts_cache: dict[str, SessionFacts] = {}
+
+    # Feeding ------------------------------------------------------------------------------------
+
+    def add_state(self, record: StateRecord) -> bool:
+        """Record a state event; returns False if it was already known."""
+        if record.event_id in self.events:
+            return False
+        self.events[record.event_id] = record
+        self._state_by_session.setdefault(record.session_id, set()).add(record.event_id)
+        if record.status == Status.VALID:
+            self._consider_winner(record)
+        self._invalidate(record.session_id)
+        return True
+
+    def update_state(self, record: StateRecord) -> None:
+        """Replace a known record (after decryption)."""
+        old = self.events.get(record.event_id)
+        self.events[record.event_id] = record
+        self._state_by_session.setdefault(record.session_id, set()).add(record.event_id)
+        if old is not None and old.pair is not None and old.pair != record.pair:
+            self._recompute_winner(old.pair)
+        if record.status == Status.VALID:
+            self._consider_winner(record)
+        self._invalidate(record.session_id)
+
+    def add_message(self, record: MessageRecord) -> bool:
+        if record.event_id in self.messages or record.event_id in self.events:
+            return False
+        self.messages[record.event_id] = record
+        self._messages_by_session.setdefault(record.session_id, set()).add(record.event_id)
+        self._invalidate(record.session_id)
+        return True
+
+    def update_message(self, record: MessageRecord) -> None:
+        self.messages[record.event_id] = record
+        self._messages_by_session.setdefault(record.session_id, set()).add(record.event_id)
+        self._invalidate(record.session_id)
+
+    def _consider_winner(self, record: StateRecord) -> None:
+        pair = record.pair
+        assert pair is not None
+        holder = self._winners.get(pair)
+        if holder is None or self.events[holder].sort_key() < record.sort_key():
+            if holder is not None:
+                self._invalidate(self.events[holder].session_id)
+            self._winners[pair] = record.event_id
+
+    def _recompute_winner(self, pair: tuple[str, str]) -> None:
+        holder = self._winners.pop(pair, None)
+        if holder is not None:
+            self._invalidate(self.events[holder].session_id)
+        candidates = [rec for rec in self.events.values() if rec.pair == pair]
+        if candidates:
+            winner = max(candidates, key=StateRecord.sort_key)
+            self._winners[pair] = winner.event_id
+            self._invalidate(winner.session_id)
+
+    def _invalidate(self, session_id: str) -> None:
+        self._facts_cache.pop(session_id, None)
+
+    # Questions ----------------------------------------------------------------------------------
+
+    def is_current(self, record: StateRecord) -> bool:
+        pair = record.pair
+        return pair is not None and self._winners.get(pair) == record.event_id
+
+    def current_state(self) -> list[StateRecord]:
+        """The room's current encrypted state, aesthetic types first."""
+        from .protocol import aesthetic_rank
+
+        records = [self.events[eid] for eid in self._winners.values()]
+        return sorted(records, key=lambda r: (aesthetic_rank(r.inner_type), r.outer_key))
+
+    def state_sessions(self) -> list[str]:
+        """Sessions that carry current state, the ones with aesthetic state first."""
+        order: list[str] = []
+        for record in self.current_state():
+            if record.session_id not in order:
+                order.append(record.session_id)
+        return order
+
+    def sessions(self) -> set[str]:
+        return set(self._state_by_session) | set(self._messages_by_session)
+
+    def pending_state(self) -> list[StateRecord]:
+        return [rec for rec in self.events.values() if rec.status == Status.PENDING]
+
+    def pending_messages(self, session_id: str | None = None) -> list[MessageRecord]:
+        ids: Iterable[str] = (
+            self._messages_by_session.get(session_id, set())
+            if session_id is not None
+            else self.messages
+        )
+        return [
+            self.messages[eid] for eid in ids if self.messages[eid].status == MessageStatus.PENDING
+        ]
+
+    def state_records(self, session_id: str) -> list[StateRecord]:
+        return [self.events[eid] for eid in self._state_by_session.get(session_id, ())]
+
+    def state_index_taken(self, session_id: str, index: int | None) -> bool:
+        """Whether a decrypted state event of this session sits at this index (replay check)."""
+        return index is not None and any(
+            rec.msg_index == index and rec.decrypted for rec in self.state_records(session_id)
+        )
+
+    def facts(self, session_id: str) -> SessionFacts:
+        cached = self._facts_cache.get(session_id)
+        if cached is None:
+            cached = self._facts_cache[session_id] = self._compute_facts(session_id)
+        return cached
+
+    def _compute_facts(self, session_id: str) -> SessionFacts:
+        states = self.state_records(session_id)
+        messages = [self.messages[eid] for eid in self._messages_by_session.get(session_id, ())]
+        message_indices = {
+            m.msg_index
+            for m in messages
+            if m.status == MessageStatus.MESSAGE and m.msg_index is not None
+        }
+        # A "state" event whose payload is a message is evidence of a message at that index.
+        message_indices |= {
+            rec.msg_index for rec in states if rec.message_payload and rec.msg_index is not None
+        }
+        valid = [rec for rec in states if rec.status == Status.VALID]
+        if not valid:
+            if message_indices:
+                kind = SessionKind.MESSAGE
+            elif any(rec.status == Status.PENDING for rec in states):
+                kind = SessionKind.PENDING
+            else:
+                kind = SessionKind.UNKNOWN
+            return SessionFacts(
+                session_id=session_id, kind=kind, message_indices=frozenset(message_indices)
+            )
+        kind = SessionKind.MIXED if message_indices else SessionKind.STATE
+        current = tuple(sorted((r for r in valid if self.is_current(r)), key=_by_index))
+        superseded = tuple(sorted((r for r in valid if not self.is_current(r)), key=_by_index))
+        indexed = [r.msg_index for r in current if r.msg_index is not None]
+        safe_index = min(indexed) if indexed else None
+        exposed: tuple[StateRecord, ...] = ()
+        gaps: tuple[int, ...] = ()
+        if safe_index is not None:
+            exposed = tuple(
+                r for r in superseded if r.msg_index is not None and r.msg_index > safe_index
+            )
+            known = set(message_indices) | {
+                r.msg_index for r in states if r.decrypted and r.msg_index is not None
+            }
+            known |= {
+                m.msg_index
+                for m in messages
+                if m.status == MessageStatus.REPLAY and m.msg_index is not None
+            }
+            top = max(known)
+            gaps = tuple(i for i in range(safe_index, top + 1) if i not in known)
+        return SessionFacts(
+            session_id=session_id,
+            kind=kind,
+            current=current,
+            superseded=superseded,
+            message_indices=frozenset(message_indices),
+            safe_index=safe_index,
+            exposed=exposed,
+            gaps=gaps,
+        )
+
+    # Reports ------------------------------------------------------------------------------------
+
+    def far_future(self, now_ms: int) -> list[StateRecord]:
+        return [
+            rec
+            for rec in self.events.values()
+            if rec.status == Status.VALID and rec.origin_ts > now_ms + FAR_FUTURE_MS
+        ]
+
+    def counts(self) -> dict[str, int]:
+        valid = [r for r in self.events.values() if r.status == Status.VALID]
+        current = sum(1 for r in valid if self.is_current(r))
+        kinds = [self.facts(s).kind for s in self.sessions()]
+        return {
+            "current": current,
+            "superseded": len(valid) - current,
+            "invalid": sum(1 for r in self.events.values() if r.status == Status.INVALID),
+            "pending": sum(1 for r in self.events.values() if r.status == Status.PENDING),
+            "state_only_sessions": kinds.count(SessionKind.STATE),
+            "mixed_sessions": kinds.count(SessionKind.MIXED),
+        }
+
+
+def _by_index(record: StateRecord) -> tuple[int, str]:
+    return (record.msg_index if record.msg_index is not None else -1), record.event_id
+
+
+__all__ = [
+    "MessageRecord",
+    "MessageStatus",
+    "RoomLedger",
+    "SessionFacts",
+    "SessionKind",
+    "StateRecord",
+    "Status",
+    "evolve",
+]

@@ -1,0 +1,114 @@
+"""Database schema. One SQL dialect for SQLite and PostgreSQL (mautrix.util.async_db)."""
+
+from __future__ import annotations
+
+from mautrix.util.async_db import Connection, Scheme, UpgradeTable
+
+upgrade_table = UpgradeTable(version_table_name="encstate_version", database_name="encstate")
+
+
+def _serial(scheme: Scheme) -> str:
+    if scheme == Scheme.SQLITE:
+        return "INTEGER PRIMARY KEY AUTOINCREMENT"
+    return "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+
+
+@upgrade_table.register(description="Ledger, audit and delivery queue")
+async def upgrade_v1(conn: Connection, scheme: Scheme) -> None:
+    await conn.execute(
+        """CREATE TABLE encstate_room (
+            room_id    TEXT PRIMARY KEY,
+            state_flag TEXT,
+            backfilled BOOLEAN NOT NULL DEFAULT false,
+            mode       TEXT,
+            share_invited BOOLEAN,
+            dry_run    BOOLEAN
+        )"""
+    )
+    await conn.execute(
+        """CREATE TABLE encstate_state_event (
+            room_id    TEXT NOT NULL,
+            event_id   TEXT NOT NULL,
+            outer_key  TEXT NOT NULL,
+            session_id TEXT NOT NULL,
+            sender     TEXT NOT NULL,
+            sender_key TEXT,
+            device_id  TEXT,
+            origin_ts  BIGINT NOT NULL,
+            msg_index  INTEGER,
+            ciphertext TEXT NOT NULL,
+            status     TEXT NOT NULL,
+            inner_type TEXT,
+            inner_key  TEXT,
+            reason     TEXT,
+            message_payload BOOLEAN NOT NULL DEFAULT false,
+            PRIMARY KEY (room_id, event_id)
+        )"""
+    )
+    await conn.execute(
+        "CREATE INDEX encstate_state_event_session ON encstate_state_event (room_id, session_id)"
+    )
+    await conn.execute(
+        """CREATE TABLE encstate_message (
+            room_id    TEXT NOT NULL,
+            event_id   TEXT NOT NULL,
+            session_id TEXT NOT NULL,
+            msg_index  INTEGER,
+            ciphertext TEXT,
+            status     TEXT NOT NULL,
+            PRIMARY KEY (room_id, event_id)
+        )"""
+    )
+    await conn.execute(
+        """CREATE TABLE encstate_session (
+            room_id    TEXT NOT NULL,
+            session_id TEXT NOT NULL,
+            shared_history BOOLEAN NOT NULL DEFAULT false,
+            received_from TEXT,
+            received_ts BIGINT NOT NULL,
+            PRIMARY KEY (room_id, session_id)
+        )"""
+    )
+    await conn.execute(
+        f"""CREATE TABLE encstate_audit (
+            id         {_serial(scheme)},
+            ts         BIGINT NOT NULL,
+            room_id    TEXT NOT NULL,
+            user_id    TEXT NOT NULL,
+            device_id  TEXT,
+            session_id TEXT,
+            decision   TEXT NOT NULL,
+            code       TEXT,
+            msg_index  INTEGER,
+            reason     TEXT NOT NULL,
+            trigger    TEXT NOT NULL,
+            exposed    TEXT,
+            request_id TEXT
+        )"""
+    )
+    await conn.execute("CREATE INDEX encstate_audit_room ON encstate_audit (room_id, ts)")
+    await conn.execute(
+        f"""CREATE TABLE encstate_outbox (
+            id         {_serial(scheme)},
+            room_id    TEXT NOT NULL,
+            user_id    TEXT NOT NULL,
+            device_id  TEXT,
+            session_id TEXT,
+            trigger    TEXT NOT NULL,
+            request_id TEXT,
+            enqueued   BIGINT NOT NULL,
+            attempts   INTEGER NOT NULL DEFAULT 0,
+            not_before BIGINT NOT NULL DEFAULT 0
+        )"""
+    )
+    await conn.execute(
+        """CREATE TABLE encstate_delivered (
+            user_id    TEXT NOT NULL,
+            device_id  TEXT NOT NULL,
+            session_id TEXT NOT NULL,
+            msg_index  INTEGER NOT NULL,
+            room_id    TEXT NOT NULL,
+            ts         BIGINT NOT NULL,
+            PRIMARY KEY (user_id, device_id, session_id, msg_index)
+        )"""
+    )

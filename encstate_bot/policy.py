@@ -1,0 +1,175 @@
+"""One decision per (device, session): share from an index, withhold with a code, or ignore.
+
+Pure: every input is a value, the output is a value with a reason a human can read. The order of
+the checks is the decision tree the README draws:
+
+    bot not empowered in the room ............................ Ignore
+    room policy "off" ......................................... Ignore
+    requester not joined (nor invited/admitted, if allowed) ... Withhold m.unauthorised
+    device unknown to the homeserver .......................... Ignore
+    device blacklisted ........................................ Withhold m.blacklisted
+    policy "cross-signed" and device not cross-signed ......... Withhold m.unverified
+    session unknown / not yet held ............................ Withhold m.unavailable
+    session only encrypts messages ............................ Withhold m.unauthorised
+    session also encrypts messages (unless shared history) .... Withhold m.unauthorised
+    session holds only superseded state ....................... Withhold m.unauthorised
+    indices after the safe index the bot never saw ............ Withhold m.unauthorised
+    otherwise ................................................. Share from the safe index
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from attr import dataclass
+
+from . import protocol
+from .ledger import SessionFacts, SessionKind
+
+
+class Mode(str, Enum):
+    MEMBERS = "members"  # every current member's devices
+    CROSS_SIGNED = "cross-signed"  # only devices their owner cross-signed
+    OFF = "off"  # share nothing
+
+    @classmethod
+    def parse(cls, value: object) -> Mode:
+        try:
+            return cls(str(value))
+        except ValueError as e:
+            raise ValueError(f"unknown policy {value!r}; use members, cross-signed or off") from e
+
+
+@dataclass(frozen=True)
+class RoomFacts:
+    room_id: str
+    bot_level: int
+    users_default: int
+    history_visibility: str | None = None
+    mode: Mode = Mode.MEMBERS
+    share_with_invited: bool = False
+    allow_mixed_shared_history: bool = False
+
+    @property
+    def empowered(self) -> bool:
+        return self.bot_level > self.users_default
+
+
+@dataclass(frozen=True)
+class Requester:
+    user_id: str
+    device_id: str
+    # "join", "invite", "leave", "ban", "knock" or None (never a member)
+    membership: str | None
+    # a room whose membership a restricted join rule of this room admits the user through
+    admitted_via: str | None = None
+    device_known: bool = True
+    blacklisted: bool = False
+    cross_signed: bool = False
+
+
+@dataclass(frozen=True)
+class HeldSession:
+    first_known_index: int
+    shared_history: bool = False
+
+
+@dataclass(frozen=True)
+class Share:
+    index: int
+    reason: str
+    exposed: tuple[str, ...] = ()  # superseded events still readable from this index
+
+    kind = "share"
+
+
+@dataclass(frozen=True)
+class Withhold:
+    code: str
+    reason: str
+
+    kind = "withhold"
+
+
+@dataclass(frozen=True)
+class Ignore:
+    reason: str
+
+    kind = "ignore"
+
+
+Decision = Share | Withhold | Ignore
+
+
+def decide(
+    room: RoomFacts,
+    who: Requester,
+    session: SessionFacts,
+    held: HeldSession | None,
+) -> Decision:
+    if not room.empowered:
+        return Ignore(
+            f"the bot's power level {room.bot_level} does not exceed users_default "
+            f"{room.users_default} in {room.room_id}"
+        )
+    if room.mode == Mode.OFF:
+        return Ignore("the room's policy is off")
+
+    if who.membership == "join":
+        pass
+    elif who.membership == "invite" and room.share_with_invited:
+        pass
+    elif who.admitted_via:
+        pass
+    else:
+        state = who.membership or "never joined"
+        return Withhold(protocol.UNAUTHORISED, f"{who.user_id} is not a member ({state})")
+
+    if not who.device_known:
+        return Ignore(f"device {who.device_id} of {who.user_id} is unknown to the homeserver")
+    if who.blacklisted:
+        return Withhold(protocol.BLACKLISTED, "this device is blacklisted")
+    if room.mode == Mode.CROSS_SIGNED and not who.cross_signed:
+        return Withhold(
+            protocol.UNVERIFIED, "this room shares state keys only with cross-signed devices"
+        )
+
+    if session.kind == SessionKind.UNKNOWN:
+        return Withhold(protocol.UNAVAILABLE, "no encrypted state in this room uses this session")
+    if session.kind == SessionKind.PENDING:
+        return Withhold(protocol.UNAVAILABLE, "the bot does not hold this session yet")
+    if session.kind == SessionKind.MESSAGE:
+        return Withhold(protocol.UNAUTHORISED, "this session encrypts messages, not state")
+    if session.kind == SessionKind.MIXED:
+        visible = room.history_visibility in protocol.HISTORY_VISIBLE_TO_NEWCOMERS
+        flagged = held is not None and held.shared_history
+        if not (room.allow_mixed_shared_history and flagged and visible):
+            return Withhold(
+                protocol.UNAUTHORISED,
+                "this session also encrypts messages "
+                f"(at indices {_indices(session.message_indices)})",
+            )
+    if held is None:
+        return Withhold(protocol.UNAVAILABLE, "the bot does not hold this session")
+    if session.safe_index is None:
+        return Withhold(protocol.UNAUTHORISED, "this session holds only superseded state")
+    if session.gaps:
+        return Withhold(
+            protocol.UNAUTHORISED,
+            f"indices {_indices(session.gaps)} of this session were never seen to decrypt; "
+            "they may hold messages",
+        )
+    index = max(session.safe_index, held.first_known_index)
+    exposed = tuple(rec.event_id for rec in session.exposed if (rec.msg_index or 0) >= index)
+    reason = f"state session, {len(session.current)} current event(s), safe index {index}"
+    if exposed:
+        reason += f"; {len(exposed)} superseded value(s) above it stay readable"
+    if session.kind == SessionKind.MIXED:
+        reason += "; mixed session shared as shared history"
+    return Share(index=index, reason=reason, exposed=exposed)
+
+
+def _indices(values: frozenset[int] | tuple[int, ...]) -> str:
+    ordered = sorted(values)
+    shown = ", ".join(str(i) for i in ordered[:8])
+    return shown + (f" and {len(ordered) - 8} more" if len(ordered) > 8 else "")

@@ -1,0 +1,452 @@
+"""All of encstate's SQL: the ledger, session flags, the audit, the delivery queue."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Iterable
+
+from attr import dataclass
+from mautrix.util.async_db import Database
+
+from .ledger import MessageRecord, MessageStatus, StateRecord, Status
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class RoomRow:
+    room_id: str
+    state_flag: str | None
+    backfilled: bool
+    mode: str | None
+    share_invited: bool | None
+    dry_run: bool | None
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    room_id: str
+    user_id: str
+    device_id: str | None
+    session_id: str | None
+    decision: str
+    reason: str
+    trigger: str
+    code: str | None = None
+    msg_index: int | None = None
+    exposed: tuple[str, ...] = ()
+    request_id: str | None = None
+    ts: int = 0
+    id: int | None = None
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """A wish to deliver keys: to one device or all of a user's devices, one session or all of a
+    room's current state sessions. The courier decides and sends at send time."""
+
+    room_id: str
+    user_id: str
+    trigger: str
+    device_id: str | None = None
+    session_id: str | None = None
+    request_id: str | None = None
+    id: int | None = None
+    enqueued: int = 0
+    attempts: int = 0
+    not_before: int = 0
+
+
+def _opt_bool(value: Any) -> bool | None:
+    return None if value is None else bool(value)
+
+
+class Store:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # Rooms --------------------------------------------------------------------------------------
+
+    async def rooms(self) -> list[RoomRow]:
+        rows = await self.db.fetch(
+            "SELECT room_id, state_flag, backfilled, mode, share_invited, dry_run "
+            "FROM encstate_room"
+        )
+        return [
+            RoomRow(
+                room_id=r["room_id"],
+                state_flag=r["state_flag"],
+                backfilled=bool(r["backfilled"]),
+                mode=r["mode"],
+                share_invited=_opt_bool(r["share_invited"]),
+                dry_run=_opt_bool(r["dry_run"]),
+            )
+            for r in rows
+        ]
+
+    async def put_room_flag(self, room_id: str, state_flag: str | None) -> None:
+        await self.db.execute(
+            "INSERT INTO encstate_room (room_id, state_flag) VALUES ($1, $2) "
+            "ON CONFLICT (room_id) DO UPDATE SET state_flag=excluded.state_flag",
+            room_id,
+            state_flag,
+        )
+
+    async def set_backfilled(self, room_id: str) -> None:
+        await self.db.execute("UPDATE encstate_room SET backfilled=true WHERE room_id=$1", room_id)
+
+    async def set_room_policy(
+        self,
+        room_id: str,
+        mode: str | None,
+        share_invited: bool | None,
+        dry_run: bool | None,
+    ) -> None:
+        await self.db.execute(
+            "INSERT INTO encstate_room (room_id, mode, share_invited, dry_run) "
+            "VALUES ($1, $2, $3, $4) ON CONFLICT (room_id) DO UPDATE SET "
+            "mode=excluded.mode, share_invited=excluded.share_invited, dry_run=excluded.dry_run",
+            room_id,
+            mode,
+            share_invited,
+            dry_run,
+        )
+
+    # Ledger -------------------------------------------------------------------------------------
+
+    _STATE_COLUMNS = (
+        "room_id, event_id, outer_key, session_id, sender, sender_key, device_id, origin_ts, "
+        "msg_index, ciphertext, status, inner_type, inner_key, reason, message_payload"
+    )
+
+    @staticmethod
+    def _state_args(rec: StateRecord) -> tuple:
+        return (
+            rec.room_id,
+            rec.event_id,
+            rec.outer_key,
+            rec.session_id,
+            rec.sender,
+            rec.sender_key,
+            rec.device_id,
+            rec.origin_ts,
+            rec.msg_index,
+            rec.ciphertext,
+            rec.status.value,
+            rec.inner_type,
+            rec.inner_key,
+            rec.reason,
+            rec.message_payload,
+        )
+
+    async def put_states(self, records: Iterable[StateRecord]) -> None:
+        """Insert or update state records, in one transaction."""
+        args = [self._state_args(rec) for rec in records]
+        if not args:
+            return
+        query = (
+            f"INSERT INTO encstate_state_event ({self._STATE_COLUMNS}) VALUES "
+            "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) "
+            "ON CONFLICT (room_id, event_id) DO UPDATE SET status=excluded.status, "
+            "inner_type=excluded.inner_type, inner_key=excluded.inner_key, "
+            "reason=excluded.reason, message_payload=excluded.message_payload"
+        )
+        async with self.db.acquire() as conn, conn.transaction():
+            await conn.executemany(query, args)
+
+    async def load_states(self) -> list[StateRecord]:
+        rows = await self.db.fetch(f"SELECT {self._STATE_COLUMNS} FROM encstate_state_event")
+        return [
+            StateRecord(
+                room_id=r["room_id"],
+                event_id=r["event_id"],
+                outer_key=r["outer_key"],
+                session_id=r["session_id"],
+                sender=r["sender"],
+                sender_key=r["sender_key"],
+                device_id=r["device_id"],
+                origin_ts=r["origin_ts"],
+                msg_index=r["msg_index"],
+                ciphertext=r["ciphertext"],
+                status=Status(r["status"]),
+                inner_type=r["inner_type"],
+                inner_key=r["inner_key"],
+                reason=r["reason"],
+                message_payload=bool(r["message_payload"]),
+            )
+            for r in rows
+        ]
+
+    async def put_messages(self, records: Iterable[MessageRecord]) -> None:
+        args = [
+            (
+                m.room_id,
+                m.event_id,
+                m.session_id,
+                m.msg_index,
+                m.ciphertext if m.status == MessageStatus.PENDING else None,
+                m.status.value,
+            )
+            for m in records
+        ]
+        if not args:
+            return
+        query = (
+            "INSERT INTO encstate_message "
+            "(room_id, event_id, session_id, msg_index, ciphertext, status) "
+            "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (room_id, event_id) DO UPDATE SET "
+            "ciphertext=excluded.ciphertext, status=excluded.status"
+        )
+        async with self.db.acquire() as conn, conn.transaction():
+            await conn.executemany(query, args)
+
+    async def load_messages(self) -> list[MessageRecord]:
+        rows = await self.db.fetch(
+            "SELECT room_id, event_id, session_id, msg_index, ciphertext, status "
+            "FROM encstate_message"
+        )
+        return [
+            MessageRecord(
+                room_id=r["room_id"],
+                event_id=r["event_id"],
+                session_id=r["session_id"],
+                msg_index=r["msg_index"],
+                ciphertext=r["ciphertext"],
+                status=MessageStatus(r["status"]),
+            )
+            for r in rows
+        ]
+
+    async def put_session_flag(
+        self, room_id: str, session_id: str, shared_history: bool, received_from: str | None
+    ) -> None:
+        await self.db.execute(
+            "INSERT INTO encstate_session "
+            "(room_id, session_id, shared_history, received_from, received_ts) "
+            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (room_id, session_id) DO NOTHING",
+            room_id,
+            session_id,
+            shared_history,
+            received_from,
+            now_ms(),
+        )
+
+    async def shared_history_sessions(self) -> set[tuple[str, str]]:
+        rows = await self.db.fetch(
+            "SELECT room_id, session_id FROM encstate_session WHERE shared_history=true"
+        )
+        return {(r["room_id"], r["session_id"]) for r in rows}
+
+    # Audit --------------------------------------------------------------------------------------
+
+    _AUDIT_INSERT = (
+        "INSERT INTO encstate_audit (ts, room_id, user_id, device_id, session_id, decision, "
+        "code, msg_index, reason, trigger, exposed, request_id) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+    )
+
+    @staticmethod
+    def _audit_args(rows: Iterable[AuditRow]) -> list[tuple]:
+        ts = now_ms()
+        return [
+            (
+                row.ts or ts,
+                row.room_id,
+                row.user_id,
+                row.device_id,
+                row.session_id,
+                row.decision,
+                row.code,
+                row.msg_index,
+                row.reason,
+                row.trigger,
+                json.dumps(list(row.exposed)) if row.exposed else None,
+                row.request_id,
+            )
+            for row in rows
+        ]
+
+    async def add_audit(self, rows: Iterable[AuditRow]) -> None:
+        args = self._audit_args(rows)
+        if args:
+            async with self.db.acquire() as conn, conn.transaction():
+                await conn.executemany(self._AUDIT_INSERT, args)
+
+    async def audit(
+        self,
+        room_id: str | None = None,
+        limit: int = 50,
+        since_ms: int = 0,
+        user_id: str | None = None,
+    ) -> list[AuditRow]:
+        """The newest audit rows first."""
+        conditions = ["ts >= $1"]
+        args: list[Any] = [since_ms]
+        if room_id is not None:
+            args.append(room_id)
+            conditions.append(f"room_id=${len(args)}")
+        if user_id is not None:
+            args.append(user_id)
+            conditions.append(f"user_id=${len(args)}")
+        args.append(limit)
+        rows = await self.db.fetch(
+            "SELECT id, ts, room_id, user_id, device_id, session_id, decision, code, msg_index, "
+            f"reason, trigger, exposed, request_id FROM encstate_audit WHERE "
+            f"{' AND '.join(conditions)} ORDER BY id DESC LIMIT ${len(args)}",
+            *args,
+        )
+        return [
+            AuditRow(
+                id=r["id"],
+                ts=r["ts"],
+                room_id=r["room_id"],
+                user_id=r["user_id"],
+                device_id=r["device_id"],
+                session_id=r["session_id"],
+                decision=r["decision"],
+                code=r["code"],
+                msg_index=r["msg_index"],
+                reason=r["reason"],
+                trigger=r["trigger"],
+                exposed=tuple(json.loads(r["exposed"])) if r["exposed"] else (),
+                request_id=r["request_id"],
+            )
+            for r in rows
+        ]
+
+    # Delivery queue -----------------------------------------------------------------------------
+
+    async def enqueue(self, items: Iterable[OutboxItem]) -> int:
+        ts = now_ms()
+        args = [
+            (
+                i.room_id,
+                i.user_id,
+                i.device_id,
+                i.session_id,
+                i.trigger,
+                i.request_id,
+                i.enqueued or ts,
+                i.not_before,
+            )
+            for i in items
+        ]
+        if args:
+            async with self.db.acquire() as conn, conn.transaction():
+                await conn.executemany(
+                    "INSERT INTO encstate_outbox (room_id, user_id, device_id, session_id, "
+                    "trigger, request_id, enqueued, not_before) "
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    args,
+                )
+        return len(args)
+
+    @staticmethod
+    def _lane(requests: bool) -> str:
+        return "trigger = 'request'" if requests else "trigger <> 'request'"
+
+    async def due(self, limit: int, requests: bool, now: int | None = None) -> list[OutboxItem]:
+        """Due queue items of one lane (key requests, or pushes), oldest first."""
+        rows = await self.db.fetch(
+            "SELECT id, room_id, user_id, device_id, session_id, trigger, request_id, enqueued, "
+            f"attempts, not_before FROM encstate_outbox WHERE {self._lane(requests)} "
+            "AND not_before <= $1 ORDER BY id LIMIT $2",
+            now if now is not None else now_ms(),
+            limit,
+        )
+        return [
+            OutboxItem(
+                id=r["id"],
+                room_id=r["room_id"],
+                user_id=r["user_id"],
+                device_id=r["device_id"],
+                session_id=r["session_id"],
+                trigger=r["trigger"],
+                request_id=r["request_id"],
+                enqueued=r["enqueued"],
+                attempts=r["attempts"],
+                not_before=r["not_before"],
+            )
+            for r in rows
+        ]
+
+    async def next_due_ms(self, requests: bool) -> int | None:
+        return await self.db.fetchval(
+            f"SELECT MIN(not_before) FROM encstate_outbox WHERE {self._lane(requests)}"
+        )
+
+    async def pending_count(self, room_id: str | None = None) -> int:
+        if room_id is None:
+            return await self.db.fetchval("SELECT COUNT(*) FROM encstate_outbox")
+        return await self.db.fetchval(
+            "SELECT COUNT(*) FROM encstate_outbox WHERE room_id=$1", room_id
+        )
+
+    async def cancel_request(self, user_id: str, device_id: str, request_id: str) -> int:
+        rows = await self.db.fetch(
+            "SELECT id FROM encstate_outbox WHERE user_id=$1 AND device_id=$2 AND request_id=$3",
+            user_id,
+            device_id,
+            request_id,
+        )
+        await self.db.execute(
+            "DELETE FROM encstate_outbox WHERE user_id=$1 AND device_id=$2 AND request_id=$3",
+            user_id,
+            device_id,
+            request_id,
+        )
+        return len(rows)
+
+    async def retry_later(self, ids: Iterable[int], delay_ms: int) -> None:
+        args = [(now_ms() + delay_ms, i) for i in ids]
+        if args:
+            async with self.db.acquire() as conn, conn.transaction():
+                await conn.executemany(
+                    "UPDATE encstate_outbox SET attempts=attempts+1, not_before=$1 WHERE id=$2",
+                    args,
+                )
+
+    async def finish(
+        self,
+        done_ids: Iterable[int],
+        audit: Iterable[AuditRow],
+        delivered: Iterable[tuple[str, str, str, int, str]],
+    ) -> None:
+        """Record a batch's outcome at once: drop its queue rows, audit, and remember what was
+        delivered, so a crash never leaves a half-recorded batch."""
+        ts = now_ms()
+        audit_args = self._audit_args(audit)
+        async with self.db.acquire() as conn, conn.transaction():
+            await conn.executemany(
+                "DELETE FROM encstate_outbox WHERE id=$1", [(i,) for i in done_ids]
+            )
+            if audit_args:
+                await conn.executemany(self._AUDIT_INSERT, audit_args)
+            delivered_args = [(*d, ts) for d in delivered]
+            if delivered_args:
+                await conn.executemany(
+                    "INSERT INTO encstate_delivered "
+                    "(user_id, device_id, session_id, msg_index, room_id, ts) "
+                    "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                    delivered_args,
+                )
+
+    async def delivered(self, user_ids: Iterable[str]) -> set[tuple[str, str, str, int]]:
+        """Every (user, device, session, index) already pushed to these users."""
+        users = list(set(user_ids))
+        found: set[tuple[str, str, str, int]] = set()
+        for start in range(0, len(users), 500):
+            chunk = users[start : start + 500]
+            marks = ", ".join(f"${i + 1}" for i in range(len(chunk)))
+            rows = await self.db.fetch(
+                "SELECT user_id, device_id, session_id, msg_index FROM encstate_delivered "
+                f"WHERE user_id IN ({marks})",
+                *chunk,
+            )
+            found |= {
+                (r["user_id"], r["device_id"], r["session_id"], r["msg_index"]) for r in rows
+            }
+        return found
