@@ -109,6 +109,7 @@ class BotProcess:
                 },
                 "loggers": {
                     "maubot": {"level": self.log_level},
+                    "maubot.client": {"level": "INFO"},
                     "mau": {"level": "INFO"},
                     "aiohttp": {"level": "WARNING"},
                 },

@@ -21,7 +21,15 @@ from mautrix.client.state_store.memory import MemoryStateStore
 from mautrix.crypto import OlmMachine
 from mautrix.crypto.store import StateStore as CryptoStateStore
 from mautrix.crypto.store.memory import MemoryCryptoStore
-from mautrix.types import Membership, RoomID, UserID
+from mautrix.types import (
+    EncryptionAlgorithm,
+    EventType,
+    ForwardedRoomKeyEventContent,
+    Membership,
+    RoomID,
+    SessionID,
+    UserID,
+)
 import olm
 
 from .synapse import Synapse
@@ -345,6 +353,33 @@ class TestUser:
             Path.v3.sendToDevice[event_type][str(uuid.uuid4())],
             {"messages": messages},
         )
+
+    def answer_key_requests(self) -> None:
+        """Act as MSC3414 asks of an empowered member: forward keys to any device of a user
+        who is joined to the room (mautrix's default answers only the user's own devices)."""
+
+        async def allow(device: Any, request: Any) -> bool:
+            return await self.crypto.state_store.is_joined(request.room_id, device.user_id)
+
+        self.crypto.allow_key_share = allow
+        self.answered_requests = True
+
+    async def forward_key_to(
+        self, room_id: str, session_id: str, user_id: str, device_id: str
+    ) -> None:
+        """Forward a megolm session this user holds to one device, unasked."""
+        session = await self.crypto.crypto_store.get_group_session(RoomID(room_id), session_id)
+        device = await self.crypto.get_or_fetch_device(UserID(user_id), device_id)
+        content = ForwardedRoomKeyEventContent(
+            algorithm=EncryptionAlgorithm.MEGOLM_V1,
+            room_id=RoomID(room_id),
+            session_id=SessionID(session_id),
+            session_key=session.export_session(session.first_known_index),
+            sender_key=session.sender_key,
+            signing_key=session.signing_key,
+            forwarding_key_chain=list(session.forwarding_chain),
+        )
+        await self.crypto.send_encrypted_to_device(device, EventType.FORWARDED_ROOM_KEY, content)
 
     async def has_session(self, room_id: str, session_id: str) -> bool:
         return await self.crypto.crypto_store.has_group_session(RoomID(room_id), session_id)

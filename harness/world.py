@@ -1,0 +1,149 @@
+"""One test world: a Synapse, its users, and encstate bots, torn down together."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+import uuid
+
+from aiohttp import ClientSession
+from mautrix.util.async_db import Database
+
+from encstate_bot.migrations import upgrade_table
+from encstate_bot.store import AuditRow, Store
+
+from .botproc import BotProcess
+from .client import TestUser, eventually
+from .synapse import Synapse
+
+POSTGRES_ADMIN = os.environ.get(
+    "ENCSTATE_POSTGRES_ADMIN", "postgres://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def unique(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:6]}"
+
+
+async def postgres_available() -> str | None:
+    """None if the server answers, else why not."""
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(POSTGRES_ADMIN, timeout=3)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    await conn.close()
+    return None
+
+
+async def create_postgres_database() -> str:
+    import asyncpg
+
+    name = f"encstate_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(POSTGRES_ADMIN)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return POSTGRES_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+
+
+async def drop_postgres_database(url: str) -> None:
+    import asyncpg
+
+    name = url.rsplit("/", 1)[1]
+    conn = await asyncpg.connect(POSTGRES_ADMIN)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+class World:
+    def __init__(self, synapse: Synapse, http: ClientSession, workdir: str) -> None:
+        self.synapse = synapse
+        self.http = http
+        self.workdir = workdir
+        self.users: list[TestUser] = []
+        self.bots: list[BotProcess] = []
+        self._dbs: list[Database] = []
+
+    async def user(self, name: str) -> TestUser:
+        user = await TestUser.create(self.synapse, unique(name), self.http)
+        self.users.append(user)
+        return user
+
+    async def bot(
+        self, database: str | None = None, config: dict[str, Any] | None = None
+    ) -> BotProcess:
+        loop = asyncio.get_running_loop()
+        user_id = await loop.run_in_executor(None, self.synapse.register, unique("encstate"))
+        token, device_id = await loop.run_in_executor(None, self.synapse.login, user_id)
+        workdir = os.path.join(self.workdir, user_id.split(":")[0].lstrip("@"))
+        os.makedirs(workdir, exist_ok=True)
+        bot = BotProcess(
+            self.synapse,
+            user_id,
+            token,
+            device_id,
+            database=database,
+            plugin_config=config,
+            workdir=workdir,
+        )
+        bot.start()
+        self.bots.append(bot)
+        await bot.wait_ready()
+        return bot
+
+    async def restart(self, bot: BotProcess, kill: bool = False) -> None:
+        bot.stop(kill=kill)
+        bot.start()
+        await bot.wait_ready()
+
+    async def store(self, bot: BotProcess) -> Store:
+        """The bot's database, opened from the test (SQLite in WAL mode or PostgreSQL)."""
+        db = Database.create(bot.database, upgrade_table=upgrade_table)
+        await db.start()
+        self._dbs.append(db)
+        return Store(db)
+
+    async def room_with_bot(
+        self, admin: TestUser, bot: BotProcess, bot_level: int = 50, **kwargs: Any
+    ) -> str:
+        """A state-encrypted room created by ``admin`` that the bot has joined."""
+        power = {bot.user_id: bot_level} if bot_level else {}
+        room_id = await admin.create_room(invite=[bot.user_id], power=power, **kwargs)
+        await self.wait_joined(admin, room_id, bot.user_id)
+        await bot.wait_for_log(f"Read back \\d+ timeline event\\(s\\) of {room_id}")
+        return room_id
+
+    async def wait_joined(self, observer: TestUser, room_id: str, user_id: str) -> None:
+        async def joined() -> bool:
+            return user_id in await observer.joined_members(room_id)
+
+        await eventually(joined, timeout=30)
+
+    async def wait_valid(self, bot: BotProcess, event_id: str, status: str = "valid") -> None:
+        store = await self.store(bot)
+
+        async def recorded() -> bool:
+            return any(
+                rec.event_id == event_id and rec.status.value == status
+                for rec in await store.load_states()
+            )
+
+        await eventually(recorded, timeout=20)
+
+    async def audit(self, bot: BotProcess, room_id: str, **kwargs: Any) -> list[AuditRow]:
+        store = await self.store(bot)
+        return await store.audit(room_id, **kwargs)
+
+    async def close(self) -> None:
+        for user in self.users:
+            await user.stop()
+        for bot in self.bots:
+            bot.stop()
+        for db in self._dbs:
+            await db.stop()
