@@ -1,0 +1,82 @@
+"""The store's SQL on both SQLite and PostgreSQL: one dialect, same answers."""
+
+from __future__ import annotations
+
+from mautrix.util.async_db import Database
+import pytest_asyncio
+
+from encstate_bot.ledger import MessageStatus, Status
+from encstate_bot.migrations import upgrade_table
+from encstate_bot.store import AuditRow, OutboxItem, Store
+
+from ..unit.helpers import ROOM, message, state
+
+
+@pytest_asyncio.fixture
+async def store(bot_database):
+    db = Database.create(bot_database, upgrade_table=upgrade_table)
+    await db.start()
+    try:
+        yield Store(db)
+    finally:
+        await db.stop()
+
+
+async def test_ledger_round_trip(store: Store) -> None:
+    await store.put_room_flag(ROOM, "io.element.msc4362.encrypt_state_events")
+    await store.put_states([state("$a", "S", 0), state("$b", "S", 1, status=Status.PENDING)])
+    await store.put_states([state("$b", "S", 1, "m.room.topic")])  # decrypted later
+    await store.put_messages([message("$m", "S", 2), message("$p", "T", 0, MessageStatus.PENDING)])
+    states = {r.event_id: r for r in await store.load_states()}
+    assert states["$a"].status == Status.VALID and states["$a"].msg_index == 0
+    assert states["$b"].status == Status.VALID and states["$b"].inner_type == "m.room.topic"
+    messages = {m.event_id: m for m in await store.load_messages()}
+    assert messages["$m"].status == MessageStatus.MESSAGE and messages["$m"].ciphertext is None
+    rooms = await store.rooms()
+    assert [(r.room_id, r.backfilled) for r in rooms] == [(ROOM, False)]
+    await store.set_backfilled(ROOM)
+    await store.set_room_policy(ROOM, "cross-signed", True, None)
+    (row,) = await store.rooms()
+    assert row.backfilled and row.mode == "cross-signed" and row.share_invited is True
+    assert row.dry_run is None and row.state_flag.startswith("io.element")
+
+
+async def test_queue_audit_and_delivery(store: Store) -> None:
+    await store.enqueue(
+        [
+            OutboxItem(room_id=ROOM, user_id="@a:x", trigger="join"),
+            OutboxItem(
+                room_id=ROOM,
+                user_id="@b:x",
+                device_id="D",
+                session_id="S",
+                trigger="request",
+                request_id="r1",
+            ),
+        ]
+    )
+    pushes = await store.due(10, requests=False)
+    requests = await store.due(10, requests=True)
+    assert [i.user_id for i in pushes] == ["@a:x"] and [i.user_id for i in requests] == ["@b:x"]
+    assert await store.cancel_request("@b:x", "D", "r1") == 1
+    assert await store.due(10, requests=True) == []
+    await store.retry_later([pushes[0].id], 60_000)
+    assert await store.due(10, requests=False) == []
+    assert await store.pending_count(ROOM) == 1
+    audit = AuditRow(
+        room_id=ROOM,
+        user_id="@a:x",
+        device_id="D",
+        session_id="S",
+        decision="share",
+        reason="state session",
+        trigger="join",
+        msg_index=1,
+        exposed=("$old",),
+    )
+    await store.finish([pushes[0].id], [audit], [("@a:x", "D", "S", 1, ROOM)])
+    await store.finish([], [], [("@a:x", "D", "S", 1, ROOM)])  # idempotent
+    assert await store.pending_count() == 0
+    assert await store.delivered(["@a:x", "@c:x"]) == {("@a:x", "D", "S", 1)}
+    (row,) = await store.audit(ROOM)
+    assert row.exposed == ("$old",) and row.msg_index == 1 and row.id is not None
