@@ -21,8 +21,9 @@ from .courier import Courier, RoomPolicy
 from .keyrequests import KeyRequests
 from .migrations import upgrade_table
 from .policy import Mode
+from .pushes import Pushes
 from .ratelimit import RequestGate
-from .store import AuditRow, OutboxItem, RoomRow, Store
+from .store import AuditRow, RoomRow, Store
 from .tracker import Tracker
 
 SELF_SUPPLY_TICK = 15
@@ -51,6 +52,7 @@ class EncStateBot(Plugin):
         self._tasks: list[asyncio.Task] = []
         self._patched: dict[str, Any] = {}
         self._supply_asked: dict[tuple[str, str], float] = {}
+        self._gained_at_start: dict[str, set[str]] = {}
         self.ready = asyncio.Event()
         self.store = Store(self.database)
         self.room_rows: dict[str, RoomRow] = {r.room_id: r for r in await self.store.rooms()}
@@ -63,6 +65,16 @@ class EncStateBot(Plugin):
             self.room_policy,
             self.log.getChild("courier"),
             on_shared=self._notify_audit_room,
+            admitting_rooms=lambda room_id: self.pushes.admitting_rooms(room_id),
+        )
+        self.pushes = Pushes(
+            self.client,
+            self.store,
+            self.tracker,
+            self.courier,
+            self.room_policy,
+            lambda: self.config["push_on_join"],
+            self.log.getChild("pushes"),
         )
         limits = self.config["rate_limits"]
         self.requests = KeyRequests(
@@ -178,11 +190,22 @@ class EncStateBot(Plugin):
         meta = data.get("net.maunium.mautrix") or {}
         first_ignored = bool(meta.get("is_first")) and self.client.ignore_first_sync
         initial_ignored = bool(meta.get("is_initial")) and self.client.ignore_initial_sync
-        for room_id, room in (data.get("rooms") or {}).get("join", {}).items():
+        rooms = data.get("rooms") or {}
+        links_changed = False
+        for room_id in rooms.get("leave", {}):
+            if room_id in self.pushes.joined:
+                self.pushes.on_own_membership(room_id, joined=False)
+                links_changed = True
+        for room_id, room in rooms.get("join", {}).items():
+            if room_id not in self.pushes.joined:
+                self.pushes.on_own_membership(room_id, joined=True)
+                links_changed = True
             try:
-                await self._on_room_sync(room_id, room, live=not initial_ignored)
+                links_changed |= await self._on_room_sync(room_id, room, live=not initial_ignored)
             except Exception:
                 self.log.exception(f"Failed to process sync for {room_id}")
+        if links_changed and self.ready.is_set():
+            await self.pushes.refresh_links()
         for raw in (data.get("to_device") or {}).get("events", []):
             if not isinstance(raw, dict):
                 continue
@@ -200,68 +223,38 @@ class EncStateBot(Plugin):
         except Exception as e:
             self.log.debug(f"Could not decrypt a to-device event from the first sync: {e}")
 
-    async def _on_room_sync(self, room_id: str, room: dict[str, Any], live: bool) -> None:
+    async def _on_room_sync(self, room_id: str, room: dict[str, Any], live: bool) -> bool:
+        """Process one joined room's sync; True if a restricted-room link may have changed."""
         state = [e for e in (room.get("state") or {}).get("events", []) if isinstance(e, dict)]
         timeline_data = room.get("timeline") or {}
         timeline = [e for e in timeline_data.get("events", []) if isinstance(e, dict)]
         was_tracked = self.tracker.tracked(room_id)
-        for raw in state + [e for e in timeline if "state_key" in e]:
-            await self.tracker.apply_plain_state(room_id, raw)
-        if not self.tracker.tracked(room_id):
-            return
-        await self.tracker.ingest(room_id, state + timeline)
+        links_changed = await self._apply_plain_state(
+            room_id, state + [e for e in timeline if "state_key" in e]
+        )
         if live:
-            await self._on_members(room_id, timeline)
+            await self.pushes.on_members(room_id, timeline)
+        if not self.tracker.tracked(room_id):
+            return links_changed
+        await self.tracker.ingest(room_id, state + timeline)
         if not was_tracked or room_id not in self.tracker.backfilled:
             self._spawn(self._catch_up(room_id, None), f"encstate-backfill-{room_id}")
         elif timeline_data.get("limited") and timeline_data.get("prev_batch"):
             self._spawn(
                 self._catch_up(room_id, timeline_data["prev_batch"]), f"encstate-gap-{room_id}"
             )
+        return links_changed
 
-    async def _on_members(self, room_id: str, events: list[dict[str, Any]]) -> None:
-        items: list[OutboxItem] = []
-        ignored: list[AuditRow] = []
-        policy = self.room_policy(room_id)
-        view = self.tracker.view(room_id)
-        ledger = self.tracker.ledgers.get(room_id)
+    async def _apply_plain_state(self, room_id: str, events: list[dict[str, Any]]) -> bool:
+        links_changed = False
         for raw in events:
-            if raw.get("type") != "m.room.member" or not isinstance(raw.get("state_key"), str):
-                continue
-            user_id = raw["state_key"]
-            content = raw.get("content") if isinstance(raw.get("content"), dict) else {}
-            unsigned = raw.get("unsigned") if isinstance(raw.get("unsigned"), dict) else {}
-            prev = (unsigned.get("prev_content") or {}).get("membership")
-            membership = content.get("membership")
-            if user_id == self.client.mxid or membership == prev:
-                continue
-            if membership == "join" or (membership == "invite" and policy.share_with_invited):
-                trigger = membership
-            else:
-                continue
-            if not self.config["push_on_join"] or ledger is None or not ledger.state_sessions():
-                continue
-            if not view.empowered(self.client.mxid):
-                ignored.append(
-                    AuditRow(
-                        room_id=room_id,
-                        user_id=user_id,
-                        device_id=None,
-                        session_id=None,
-                        decision="ignore",
-                        reason=f"no push on {trigger}: the bot's power level "
-                        f"{view.user_level(self.client.mxid)} does not exceed users_default "
-                        f"{view.users_default}",
-                        trigger=trigger,
-                    )
-                )
-                self.log.info(f"Not pushing to {user_id} in {room_id}: bot not empowered")
-                continue
-            items.append(OutboxItem(room_id=room_id, user_id=user_id, trigger=trigger))
-        if ignored:
-            await self.store.add_audit(ignored)
-        if items:
-            await self.courier.submit(items)
+            changed = await self.tracker.apply_plain_state(room_id, raw)
+            if changed and raw.get("type") == "m.room.join_rules":
+                self.pushes.update_join_rule(room_id)
+                links_changed = True
+            elif changed and raw.get("type") in ("m.room.power_levels", "m.room.create"):
+                links_changed = True
+        return links_changed
 
     # Start-up rescan, backfill and gap filling -----------------------------------------------
 
@@ -284,6 +277,7 @@ class EncStateBot(Plugin):
         start), then catch up on each state-encrypted room's timeline."""
         started = time.monotonic()
         rooms = await self.client.get_joined_rooms()
+        self.pushes.joined = set(rooms)
         for room_id in rooms:
             try:
                 state = await self.client.api.request(Method.GET, Path.v3.rooms[room_id].state)
@@ -291,8 +285,7 @@ class EncStateBot(Plugin):
                 self.log.warning(f"Could not read the state of {room_id}: {e}")
                 continue
             state = [e for e in state if isinstance(e, dict)]
-            for raw in state:
-                await self.tracker.apply_plain_state(room_id, raw)
+            await self._apply_plain_state(room_id, state)
             if self.tracker.tracked(room_id):
                 await self.tracker.ingest(room_id, state)
         for room_id in list(self.tracker.ledgers):
@@ -300,6 +293,11 @@ class EncStateBot(Plugin):
                 await self._catch_up(room_id, None)
         for room_id, session_id in list(self.tracker.missing_sessions()):
             await self.tracker.session_received(room_id, session_id)
+        pushed = await self.pushes.refresh_links()
+        for room_id, session_ids in self._gained_at_start.items():
+            await self.pushes.on_new_state(room_id, session_ids, skip=pushed)
+        await self.pushes.reconcile(skip=pushed)
+        self._gained_at_start = {}
         tracked = [r for r in rooms if self.tracker.tracked(r)]
         self.log.info(
             f"Rescanned {len(rooms)} room(s) in {time.monotonic() - started:.2f} s; "
@@ -329,19 +327,25 @@ class EncStateBot(Plugin):
             if not chunk:
                 break
             seen += len(chunk)
-            known = any(
-                e.get("event_id") in ledger.events or e.get("event_id") in ledger.messages
-                for e in chunk
-            )
+            # Events newer than the newest one the ledger knows happened while the bot was
+            # away: their joins still deserve a push. Older ones were handled before.
+            newer: list[dict[str, Any]] = []
+            for event in chunk:
+                if event.get("event_id") in ledger.events or event.get("event_id") in (
+                    ledger.messages
+                ):
+                    break
+                newer.append(event)
+            known = len(newer) < len(chunk)
             chunk.reverse()
             await self.tracker.ingest(room_id, chunk)
             if not first_time:
-                live_members += chunk
+                live_members = list(reversed(newer)) + live_members
             token = resp.get("end")
             if known or not token:
                 break
         if live_members:
-            await self._on_members(room_id, live_members)
+            await self.pushes.on_members(room_id, live_members)
         if first_time:
             self.tracker.backfilled.add(room_id)
             await self.store.set_backfilled(room_id)
@@ -420,6 +424,10 @@ class EncStateBot(Plugin):
 
     async def _on_new_state(self, room_id: str, session_ids: set[str]) -> None:
         await self.requests.session_arrived(room_id, session_ids)
+        if self.ready.is_set():
+            await self.pushes.on_new_state(room_id, session_ids)
+        else:  # pushed once the start-up rescan knows the links
+            self._gained_at_start.setdefault(room_id, set()).update(session_ids)
 
     async def _notify_audit_room(self, rows: list[AuditRow]) -> None:
         room = self.config["audit_room"]

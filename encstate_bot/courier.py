@@ -17,7 +17,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from attr import dataclass
+from attr import dataclass, evolve
 from mautrix.api import Method, Path
 from mautrix.errors import MatrixConnectionError, MatrixRequestError, MNotFound
 from mautrix.types import (
@@ -52,6 +52,7 @@ REQUEST_LANE = "request"
 PUSH_LANE = "push"
 PER_ROOM_ITEMS = 400  # one busy room cannot take a whole batch
 BATCH_ITEMS = 2000
+PUSH_COALESCE_SECONDS = 0.5  # a join storm becomes a few batches, not one per join
 MEMBER_LOOKUP_LIMIT = 20  # above this many users in one room, fetch the whole member list
 MAX_BACKOFF_MS = 5 * 60 * 1000
 
@@ -114,11 +115,13 @@ class Courier:
         room_policy: Callable[[str], RoomPolicy],
         log: logging.Logger,
         on_shared: Callable[[list[AuditRow]], Any] | None = None,
+        admitting_rooms: Callable[[str], list[str]] | None = None,
     ) -> None:
         self.client = client
         self.store = store
         self.tracker = tracker
         self.room_policy = room_policy
+        self.admitting_rooms = admitting_rooms or (lambda room_id: [])
         self.log = log
         self.on_shared = on_shared
         self._wake = {REQUEST_LANE: asyncio.Event(), PUSH_LANE: asyncio.Event()}
@@ -177,18 +180,16 @@ class Courier:
             try:
                 await asyncio.wait_for(wake.wait(), timeout)
             except asyncio.TimeoutError:
-                pass
+                continue
+            if lane == PUSH_LANE:
+                await asyncio.sleep(PUSH_COALESCE_SECONDS)
 
     async def drain(self, lane: str) -> bool:
         """Process one batch of due items of a lane; False if there was none."""
-        due = await self.store.due(BATCH_ITEMS, lane == REQUEST_LANE)
+        due = await self.store.due(BATCH_ITEMS, lane == REQUEST_LANE, per_room=PER_ROOM_ITEMS)
         if not due:
             return False
-        per_room: dict[str, list[OutboxItem]] = defaultdict(list)
-        for item in due:
-            if len(per_room[item.room_id]) < PER_ROOM_ITEMS:
-                per_room[item.room_id].append(item)
-        await self.deliver([i for items in per_room.values() for i in items])
+        await self.deliver(due)
         return True
 
     # One batch ----------------------------------------------------------------------------------
@@ -287,6 +288,7 @@ class Courier:
         facts, policy = await self._room_facts(room_id)
         ledger = self.tracker.ledgers.get(room_id)
         memberships = await self.memberships(room_id, {i.user_id for i in items})
+        admitted = await self._admissions(room_id, items, memberships, policy)
         held_cache: dict[str, tuple[Any, HeldSession | None]] = {}
         outcomes: list[Outcome] = []
         seen: set[tuple[str, str, str]] = set()
@@ -320,6 +322,8 @@ class Courier:
                     who = await self._requester(
                         item.user_id, device_id, device, memberships, facts
                     )
+                    if item.user_id in admitted:
+                        who = evolve(who, admitted_via=admitted[item.user_id])
                     decision = decide(facts, who, session, held)
                     if (
                         isinstance(decision, Share)
@@ -345,6 +349,37 @@ class Courier:
                         f"({outcome.decision.reason})"
                     )
         return outcomes
+
+    async def _admissions(
+        self,
+        room_id: str,
+        items: list[OutboxItem],
+        memberships: dict[str, str | None],
+        policy: RoomPolicy,
+    ) -> dict[str, str]:
+        """Users admitted through a room the join rule allows *now*, checked at send time:
+        the item's own room for link pushes, any allowed room the bot is in for requests."""
+        accepted = {"join", "invite"} if policy.share_with_invited else {"join"}
+        allowed = set(self.tracker.view(room_id).allowed_rooms()[0])
+        wanted: dict[str, set[str]] = defaultdict(set)
+        for item in items:
+            if memberships.get(item.user_id) in accepted:
+                continue
+            if item.via:
+                candidates = [item.via]
+            elif item.trigger == REQUEST_LANE:
+                candidates = self.admitting_rooms(room_id)
+            else:
+                candidates = []
+            for via in candidates:
+                if via in allowed:
+                    wanted[via].add(item.user_id)
+        admitted: dict[str, str] = {}
+        for via, users in wanted.items():
+            for user_id, membership in (await self.memberships(via, users)).items():
+                if membership in accepted:
+                    admitted.setdefault(user_id, via)
+        return admitted
 
     async def _requester(
         self,
@@ -387,11 +422,14 @@ class Courier:
         skipped: list[OutboxItem],
         source: SessionSource,
     ) -> None:
-        shares = [o for o in outcomes if isinstance(o.decision, Share)]
+        started = time.monotonic()
         failed_items: set[int] = {i.id for i in skipped if i.id is not None}
+        shares = [o for o in outcomes if isinstance(o.decision, Share)]
+        recorded: set[int] = set()
+        calls = 0
         sent: list[Outcome] = []
         if shares:
-            sent, failed = await self._send_keys(shares, source)
+            sent, failed, calls = await self._send_keys(shares, source, recorded)
             failed_items |= {o.item.id for o in failed if o.item.id is not None}
         withholds = [
             o
@@ -400,30 +438,27 @@ class Courier:
         ]
         if withholds:
             failed_items |= await self._send_withheld(withholds)
-        audit = [self._audit_row(o) for o in outcomes if o.item.id not in failed_items]
-        audit = [row for row in audit if row is not None]
-        delivered = [
-            (o.item.user_id, o.device_id, o.session_id, o.decision.index, o.item.room_id)
-            for o in sent
-            if isinstance(o.decision, Share)
-        ]
+        rest = [o for o in outcomes if id(o) not in recorded and o.item.id not in failed_items]
         done = [i.id for i in items if i.id is not None and i.id not in failed_items]
-        await self.store.finish(done, audit, delivered)
+        await self.store.finish(done, [self._audit_row(o) for o in rest])
         retry = [i for i in items if i.id in failed_items]
         for item in retry:
             await self.store.retry_later([item.id], backoff_ms(item.attempts))
-        for o in outcomes:
-            if o.item.id not in failed_items:
-                self._log(o)
-        if self.on_shared and sent:
-            shared_rows = [r for r in audit if r.decision == "share"]
-            if shared_rows:
-                await self.on_shared(shared_rows)
+        for o in rest:
+            self._log(o)
+        devices = {(o.item.user_id, o.device_id) for o in sent}
+        self.log.info(
+            f"Batch of {len(items)} item(s): {len(sent)} key(s) to {len(devices)} device(s) in "
+            f"{calls} sendToDevice call(s), {len(withholds)} withheld, "
+            f"{len(outcomes) - len(shares) - len(withholds)} ignored, {len(retry)} to retry "
+            f"({time.monotonic() - started:.2f} s)"
+        )
 
     async def _send_keys(
-        self, shares: list[Outcome], source: SessionSource
-    ) -> tuple[list[Outcome], list[Outcome]]:
-        """Olm-encrypt and send the forwarded keys; returns (sent, failed)."""
+        self, shares: list[Outcome], source: SessionSource, recorded: set[int]
+    ) -> tuple[list[Outcome], list[Outcome], int]:
+        """Olm-encrypt and send the forwarded keys, recording each call's shares as soon as it
+        went through; returns (sent, failed, calls)."""
         crypto = self.crypto
         store = crypto.crypto_store
         missing: dict[str, dict[str, DeviceIdentity]] = defaultdict(dict)
@@ -439,7 +474,6 @@ class Courier:
         exports: dict[tuple[str, str, int], ForwardedRoomKeyEventContent] = {}
         messages: list[tuple[str, str, Any]] = []
         by_message: dict[int, Outcome] = {}
-        failed: list[Outcome] = []
         async with crypto._olm_lock:
             for o in shares:
                 assert o.device is not None and isinstance(o.decision, Share)
@@ -463,6 +497,8 @@ class Courier:
                 by_message[id(encrypted)] = o
                 messages.append((o.item.user_id, o.device_id, encrypted))
         sent: list[Outcome] = []
+        failed: list[Outcome] = []
+        calls = 0
         for chunk in rounds(messages):
             outcomes = [by_message[id(m[2])] for m in chunk]
             try:
@@ -470,10 +506,25 @@ class Courier:
             except (MatrixRequestError, MatrixConnectionError) as e:
                 self.log.warning(f"sendToDevice of {len(chunk)} key(s) failed: {e}")
                 failed += outcomes
-            else:
-                self.sent_calls += 1
-                sent += outcomes
-        return sent, failed
+                continue
+            calls += 1
+            self.sent_calls += 1
+            sent += outcomes
+            await self.store.finish(
+                [],
+                [self._audit_row(o) for o in outcomes],
+                [
+                    (o.item.user_id, o.device_id, o.session_id, o.decision.index, o.item.room_id)
+                    for o in outcomes
+                    if isinstance(o.decision, Share)
+                ],
+            )
+            recorded.update(id(o) for o in outcomes)
+            for o in outcomes:
+                self._log(o)
+            if self.on_shared:
+                await self.on_shared([self._audit_row(o) for o in outcomes])
+        return sent, failed, calls
 
     async def _send_withheld(self, withholds: list[Outcome]) -> set[int]:
         messages = []
@@ -506,7 +557,7 @@ class Courier:
 
     # Records ------------------------------------------------------------------------------------
 
-    def _audit_row(self, o: Outcome) -> AuditRow | None:
+    def _audit_row(self, o: Outcome) -> AuditRow:
         d = o.decision
         common = dict(
             room_id=o.item.room_id,

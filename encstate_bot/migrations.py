@@ -112,3 +112,15 @@ async def upgrade_v1(conn: Connection, scheme: Scheme) -> None:
             PRIMARY KEY (user_id, device_id, session_id, msg_index)
         )"""
     )
+
+
+@upgrade_table.register(description="Restricted-room links and the room that admits a push")
+async def upgrade_v2(conn: Connection) -> None:
+    await conn.execute("ALTER TABLE encstate_outbox ADD COLUMN via TEXT")
+    await conn.execute(
+        """CREATE TABLE encstate_link (
+            room_id TEXT NOT NULL,
+            via     TEXT NOT NULL,
+            PRIMARY KEY (room_id, via)
+        )"""
+    )

@@ -54,6 +54,7 @@ class OutboxItem:
     device_id: str | None = None
     session_id: str | None = None
     request_id: str | None = None
+    via: str | None = None  # for pushes to the members of a room a join rule allows
     id: int | None = None
     enqueued: int = 0
     attempts: int = 0
@@ -329,6 +330,7 @@ class Store:
                 i.session_id,
                 i.trigger,
                 i.request_id,
+                i.via,
                 i.enqueued or ts,
                 i.not_before,
             )
@@ -338,8 +340,8 @@ class Store:
             async with self.db.acquire() as conn, conn.transaction():
                 await conn.executemany(
                     "INSERT INTO encstate_outbox (room_id, user_id, device_id, session_id, "
-                    "trigger, request_id, enqueued, not_before) "
-                    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    "trigger, request_id, via, enqueued, not_before) "
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                     args,
                 )
         return len(args)
@@ -348,13 +350,19 @@ class Store:
     def _lane(requests: bool) -> str:
         return "trigger = 'request'" if requests else "trigger <> 'request'"
 
-    async def due(self, limit: int, requests: bool, now: int | None = None) -> list[OutboxItem]:
-        """Due queue items of one lane (key requests, or pushes), oldest first."""
+    async def due(
+        self, limit: int, requests: bool, per_room: int | None = None, now: int | None = None
+    ) -> list[OutboxItem]:
+        """Due queue items of one lane (key requests, or pushes), oldest first, at most
+        ``per_room`` from any one room so a busy room cannot starve the others."""
         rows = await self.db.fetch(
-            "SELECT id, room_id, user_id, device_id, session_id, trigger, request_id, enqueued, "
-            f"attempts, not_before FROM encstate_outbox WHERE {self._lane(requests)} "
-            "AND not_before <= $1 ORDER BY id LIMIT $2",
+            "SELECT id, room_id, user_id, device_id, session_id, trigger, request_id, via, "
+            "enqueued, attempts, not_before FROM (SELECT *, ROW_NUMBER() OVER "
+            "(PARTITION BY room_id ORDER BY id) AS room_rank FROM encstate_outbox "
+            f"WHERE {self._lane(requests)} AND not_before <= $1) AS due "
+            "WHERE room_rank <= $2 ORDER BY id LIMIT $3",
             now if now is not None else now_ms(),
+            per_room or limit,
             limit,
         )
         return [
@@ -366,6 +374,7 @@ class Store:
                 session_id=r["session_id"],
                 trigger=r["trigger"],
                 request_id=r["request_id"],
+                via=r["via"],
                 enqueued=r["enqueued"],
                 attempts=r["attempts"],
                 not_before=r["not_before"],
@@ -413,25 +422,42 @@ class Store:
         self,
         done_ids: Iterable[int],
         audit: Iterable[AuditRow],
-        delivered: Iterable[tuple[str, str, str, int, str]],
+        delivered: Iterable[tuple[str, str, str, int, str]] = (),
     ) -> None:
-        """Record a batch's outcome at once: drop its queue rows, audit, and remember what was
-        delivered, so a crash never leaves a half-recorded batch."""
+        """Record outcomes in one transaction: drop done queue rows, audit, and remember what
+        was delivered. The courier calls it after every sendToDevice call that carried keys,
+        so a crash repeats at most the call that was in flight."""
         ts = now_ms()
         audit_args = self._audit_args(audit)
+        delivered_args = [(*d, ts) for d in delivered]
+        done = [(i,) for i in done_ids]
         async with self.db.acquire() as conn, conn.transaction():
-            await conn.executemany(
-                "DELETE FROM encstate_outbox WHERE id=$1", [(i,) for i in done_ids]
-            )
+            if done:
+                await conn.executemany("DELETE FROM encstate_outbox WHERE id=$1", done)
             if audit_args:
                 await conn.executemany(self._AUDIT_INSERT, audit_args)
-            delivered_args = [(*d, ts) for d in delivered]
             if delivered_args:
                 await conn.executemany(
                     "INSERT INTO encstate_delivered "
                     "(user_id, device_id, session_id, msg_index, room_id, ts) "
                     "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
                     delivered_args,
+                )
+
+    # Links --------------------------------------------------------------------------------------
+
+    async def links(self) -> set[tuple[str, str]]:
+        rows = await self.db.fetch("SELECT room_id, via FROM encstate_link")
+        return {(r["room_id"], r["via"]) for r in rows}
+
+    async def set_links(self, links: Iterable[tuple[str, str]]) -> None:
+        """Remember the links the bot acted on, so changes while it was down are noticed."""
+        args = list(links)
+        async with self.db.acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM encstate_link")
+            if args:
+                await conn.executemany(
+                    "INSERT INTO encstate_link (room_id, via) VALUES ($1, $2)", args
                 )
 
     async def delivered(self, user_ids: Iterable[str]) -> set[tuple[str, str, str, int]]:

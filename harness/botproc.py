@@ -47,8 +47,10 @@ class BotProcess:
         plugin_config: dict[str, Any] | None = None,
         workdir: str | None = None,
         log_level: str = "DEBUG",
+        homeserver: str | None = None,
     ) -> None:
         self.synapse = synapse
+        self.homeserver = homeserver or synapse.url
         self.user_id = user_id
         self.access_token = access_token
         self.device_id = device_id
@@ -72,7 +74,7 @@ class BotProcess:
             "user": {
                 "credentials": {
                     "id": self.user_id,
-                    "homeserver": self.synapse.url,
+                    "homeserver": self.homeserver,
                     "access_token": self.access_token,
                     "device_id": self.device_id,
                 },

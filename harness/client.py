@@ -90,6 +90,7 @@ async def eventually(
 
 
 class TestUser:
+    __test__ = False  # not a pytest test class
     """One user with one E2EE device, syncing in the background."""
 
     def __init__(self, synapse: Synapse, localpart: str, http: ClientSession) -> None:
@@ -174,19 +175,23 @@ class TestUser:
         history_visibility: str = "shared",
         join_rule: dict[str, Any] | None = None,
         name: str | None = None,
+        encrypted: bool = True,
     ) -> str:
-        """Create an encrypted room, with state encryption on (``flag``) unless flag is None."""
+        """Create a room: encrypted, with state encryption on (``flag``) unless flag is None."""
         encryption: dict[str, Any] = {"algorithm": MEGOLM}
         if flag:
             encryption[flag] = True
         initial_state = [
-            {"type": "m.room.encryption", "state_key": "", "content": encryption},
             {
                 "type": "m.room.history_visibility",
                 "state_key": "",
                 "content": {"history_visibility": history_visibility},
             },
         ]
+        if encrypted:
+            initial_state.append(
+                {"type": "m.room.encryption", "state_key": "", "content": encryption}
+            )
         if join_rule:
             initial_state.append(
                 {"type": "m.room.join_rules", "state_key": "", "content": join_rule}
@@ -201,7 +206,8 @@ class TestUser:
             body["name"] = name
         resp = await self.client.api.request(Method.POST, Path.v3.createRoom, body)
         room_id = resp["room_id"]
-        await eventually(lambda: self.crypto.state_store.is_encrypted(room_id), timeout=20)
+        if encrypted:
+            await eventually(lambda: self.crypto.state_store.is_encrypted(room_id), timeout=20)
         return room_id
 
     async def join(self, room_id: str) -> None:

@@ -15,6 +15,7 @@ from encstate_bot.store import AuditRow, Store
 
 from .botproc import BotProcess
 from .client import TestUser, eventually
+from .proxy import FaultProxy
 from .synapse import Synapse
 
 POSTGRES_ADMIN = os.environ.get(
@@ -69,14 +70,29 @@ class World:
         self.users: list[TestUser] = []
         self.bots: list[BotProcess] = []
         self._dbs: list[Database] = []
+        self._proxies: list[FaultProxy] = []
 
     async def user(self, name: str) -> TestUser:
         user = await TestUser.create(self.synapse, unique(name), self.http)
         self.users.append(user)
         return user
 
+    async def second_device(self, user: TestUser) -> TestUser:
+        """Another logged-in E2EE device of the same user."""
+        device = await TestUser.create(self.synapse, user.localpart, self.http, register=False)
+        self.users.append(device)
+        return device
+
+    async def proxy(self) -> FaultProxy:
+        proxy = await FaultProxy(self.synapse.url).start()
+        self._proxies.append(proxy)
+        return proxy
+
     async def bot(
-        self, database: str | None = None, config: dict[str, Any] | None = None
+        self,
+        database: str | None = None,
+        config: dict[str, Any] | None = None,
+        homeserver: str | None = None,
     ) -> BotProcess:
         loop = asyncio.get_running_loop()
         user_id = await loop.run_in_executor(None, self.synapse.register, unique("encstate"))
@@ -91,6 +107,7 @@ class World:
             database=database,
             plugin_config=config,
             workdir=workdir,
+            homeserver=homeserver,
         )
         bot.start()
         self.bots.append(bot)
@@ -147,3 +164,5 @@ class World:
             bot.stop()
         for db in self._dbs:
             await db.stop()
+        for proxy in self._proxies:
+            await proxy.close()

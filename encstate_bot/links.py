@@ -1,0 +1,73 @@
+"""Restricted join rules as a graph: whose members may hold which room's state keys.
+
+Room B with ``{"join_rule": "restricted", "allow": [{"type": "m.room_membership", "room_id":
+A}]}`` admits A's members, so MSC3414 asks that A's members get B's state keys. A link (B, A) is
+*actionable* for the bot when it is empowered in B (it may hand out B's keys) and joined to A (it
+can see who A's members are). Pure: the caller says which rooms the bot is joined to and where
+it is empowered.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from attr import dataclass
+
+
+@dataclass(frozen=True, order=True)
+class Link:
+    room_id: str  # the restricted room B, whose keys are shared
+    via: str  # the allowed room A, whose members are admitted
+
+
+@dataclass(frozen=True)
+class LinkGap:
+    link: Link
+    reason: str
+
+
+class LinkGraph:
+    def __init__(self) -> None:
+        self._allows: dict[str, tuple[str, ...]] = {}
+        self._admits: dict[str, set[str]] = {}
+
+    def set_allow(self, room_id: str, allowed: Iterable[str]) -> None:
+        """Replace what a room's join rule allows (empty for non-restricted rules)."""
+        for via in self._allows.pop(room_id, ()):
+            rooms = self._admits.get(via)
+            if rooms is not None:
+                rooms.discard(room_id)
+                if not rooms:
+                    del self._admits[via]
+        allowed = tuple(dict.fromkeys(a for a in allowed if a != room_id))
+        if allowed:
+            self._allows[room_id] = allowed
+            for via in allowed:
+                self._admits.setdefault(via, set()).add(room_id)
+
+    def allowed(self, room_id: str) -> tuple[str, ...]:
+        """The rooms whose members ``room_id`` admits."""
+        return self._allows.get(room_id, ())
+
+    def allowing(self, via: str) -> set[str]:
+        """The restricted rooms that admit ``via``'s members."""
+        return set(self._admits.get(via, ()))
+
+    def links(self) -> set[Link]:
+        return {Link(room, via) for room, allowed in self._allows.items() for via in allowed}
+
+    def actionable(self, joined: set[str], empowered: Callable[[str], bool]) -> set[Link]:
+        return {link for link in self.links() if link.via in joined and empowered(link.room_id)}
+
+    def gaps(self, joined: set[str], empowered: Callable[[str], bool]) -> list[LinkGap]:
+        """Links the bot cannot act on, with why."""
+        gaps = []
+        for link in sorted(self.links()):
+            reasons = []
+            if not empowered(link.room_id):
+                reasons.append(f"the bot is not empowered in {link.room_id}")
+            if link.via not in joined:
+                reasons.append(f"the bot is not in {link.via}, so it cannot see its members")
+            if reasons:
+                gaps.append(LinkGap(link, "; ".join(reasons)))
+        return gaps

@@ -1,0 +1,242 @@
+"""Unasked pushes: who should receive which room's state keys, and when.
+
+- A member joins a state-encrypted room B (push on join).
+- Someone joins a room A that a restricted room B allows: B's keys go to them.
+- A link (B, A) becomes actionable (B's allow list gains A, the bot becomes empowered in B, or the
+  bot joins A): B's keys go to every current member of A.
+- B gets a new state session: it goes to the members of B's allowed rooms.
+
+This module only enqueues; the courier decides per device at send time and audits.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from mautrix.api import Method, Path
+from mautrix.errors import MatrixConnectionError, MatrixRequestError
+
+from .courier import Courier, RoomPolicy
+from .links import Link, LinkGraph
+from .store import AuditRow, OutboxItem, Store
+from .tracker import Tracker
+
+JOIN = "join"
+INVITE = "invite"
+LINK = "link"
+
+
+def membership_changes(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(user, new membership) for member events that changed someone's membership."""
+    changes = []
+    for raw in events:
+        if raw.get("type") != "m.room.member" or not isinstance(raw.get("state_key"), str):
+            continue
+        content = raw.get("content") if isinstance(raw.get("content"), dict) else {}
+        unsigned = raw.get("unsigned") if isinstance(raw.get("unsigned"), dict) else {}
+        prev = unsigned.get("prev_content")
+        prev_membership = prev.get("membership") if isinstance(prev, dict) else None
+        membership = content.get("membership")
+        if isinstance(membership, str) and membership != prev_membership:
+            changes.append((raw["state_key"], membership))
+    return changes
+
+
+class Pushes:
+    def __init__(
+        self,
+        client: Any,
+        store: Store,
+        tracker: Tracker,
+        courier: Courier,
+        room_policy: Callable[[str], RoomPolicy],
+        push_on_join: Callable[[], bool],
+        log: logging.Logger,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.tracker = tracker
+        self.courier = courier
+        self.room_policy = room_policy
+        self.push_on_join = push_on_join
+        self.log = log
+        self.graph = LinkGraph()
+        self.joined: set[str] = set()
+        self.acted: set[Link] | None = None  # actionable links already pushed for
+
+    # What the bot can act on ------------------------------------------------------------------
+
+    def empowered(self, room_id: str) -> bool:
+        return self.tracker.view(room_id).empowered(self.client.mxid)
+
+    def has_state(self, room_id: str) -> bool:
+        ledger = self.tracker.ledgers.get(room_id)
+        return ledger is not None and bool(ledger.state_sessions())
+
+    def actionable(self) -> set[Link]:
+        return self.graph.actionable(self.joined, self.empowered)
+
+    def admitting_rooms(self, room_id: str) -> list[str]:
+        """Allowed rooms of ``room_id`` whose membership the bot can check."""
+        return [via for via in self.graph.allowed(room_id) if via in self.joined]
+
+    def update_join_rule(self, room_id: str) -> None:
+        allowed, skipped = self.tracker.view(room_id).allowed_rooms()
+        for entry in skipped:
+            self.log.info(f"Skipping a garbage allow entry in {room_id}'s join rule: {entry}")
+        self.graph.set_allow(room_id, allowed)
+
+    # Membership changes -----------------------------------------------------------------------
+
+    async def on_members(self, room_id: str, events: list[dict[str, Any]]) -> None:
+        items: list[OutboxItem] = []
+        ignored: list[AuditRow] = []
+        for user_id, membership in membership_changes(events):
+            if user_id == self.client.mxid:
+                continue
+            items += self._own_room_push(room_id, user_id, membership, ignored)
+            items += self._linked_pushes(room_id, user_id, membership)
+        if ignored:
+            await self.store.add_audit(ignored)
+        if items:
+            await self.courier.submit(items)
+
+    def _own_room_push(
+        self, room_id: str, user_id: str, membership: str, ignored: list[AuditRow]
+    ) -> list[OutboxItem]:
+        policy = self.room_policy(room_id)
+        if membership != JOIN and not (membership == INVITE and policy.share_with_invited):
+            return []
+        if not self.push_on_join() or not self.has_state(room_id):
+            return []
+        if not self.empowered(room_id):
+            view = self.tracker.view(room_id)
+            reason = (
+                f"no push on {membership}: the bot's power level "
+                f"{view.user_level(self.client.mxid)} does not exceed users_default "
+                f"{view.users_default}"
+            )
+            ignored.append(
+                AuditRow(
+                    room_id=room_id,
+                    user_id=user_id,
+                    device_id=None,
+                    session_id=None,
+                    decision="ignore",
+                    reason=reason,
+                    trigger=membership,
+                )
+            )
+            self.log.info(f"Not pushing to {user_id} in {room_id}: bot not empowered")
+            return []
+        return [OutboxItem(room_id=room_id, user_id=user_id, trigger=membership)]
+
+    def _linked_pushes(self, via: str, user_id: str, membership: str) -> list[OutboxItem]:
+        items = []
+        for room_id in sorted(self.graph.allowing(via)):
+            policy = self.room_policy(room_id)
+            if membership != JOIN and not (membership == INVITE and policy.share_with_invited):
+                continue
+            if not self.has_state(room_id) or Link(room_id, via) not in self.actionable():
+                continue
+            items.append(OutboxItem(room_id=room_id, user_id=user_id, trigger=LINK, via=via))
+        return items
+
+    def on_own_membership(self, room_id: str, joined: bool) -> None:
+        if joined:
+            self.joined.add(room_id)
+        else:
+            self.joined.discard(room_id)
+
+    # Links becoming actionable -----------------------------------------------------------------
+
+    async def refresh_links(self) -> set[Link]:
+        """Push for links that became actionable since the bot last acted; remember the set.
+        Returns the links pushed for."""
+        current = self.actionable()
+        if self.acted is None:
+            self.acted = {Link(*pair) for pair in await self.store.links()}
+        gained = current - self.acted
+        lost = self.acted - current
+        if gained or lost:
+            await self.store.set_links((link.room_id, link.via) for link in current)
+            self.acted = current
+        for link in sorted(lost):
+            self.log.info(f"{link.via} no longer admits into {link.room_id}: nothing more of it")
+        for link in sorted(gained):
+            if self.has_state(link.room_id):
+                await self._push_link(link)
+        return gained
+
+    async def reconcile(self, skip: set[Link]) -> None:
+        """After a start: members of allowed rooms who joined while the bot was away have no
+        delivery of the restricted room's current state sessions; push to them."""
+        for link in sorted(self.actionable() - skip):
+            ledger = self.tracker.ledgers.get(link.room_id)
+            if ledger is None:
+                continue
+            wanted = set()
+            for session_id in ledger.state_sessions():
+                index = ledger.facts(session_id).safe_index
+                if index is not None:
+                    wanted.add((session_id, index))
+            if not wanted:
+                continue
+            try:
+                users = await self._admitted_users(link)
+            except (MatrixRequestError, MatrixConnectionError) as e:
+                self.log.warning(f"Could not list the members of {link.via}: {e}")
+                continue
+            served: dict[str, set[tuple[str, int]]] = {}
+            for user_id, _, session_id, index in await self.store.delivered(users):
+                served.setdefault(user_id, set()).add((session_id, index))
+            missing = [u for u in users if not wanted <= served.get(u, set())]
+            if missing:
+                self.log.info(
+                    f"{len(missing)} member(s) of {link.via} lack {link.room_id}'s state keys; "
+                    "pushing"
+                )
+                await self.courier.submit(
+                    OutboxItem(room_id=link.room_id, user_id=u, trigger=LINK, via=link.via)
+                    for u in missing
+                )
+
+    async def _admitted_users(self, link: Link) -> list[str]:
+        """Members of the allowed room who are not already members of the restricted room."""
+        members = await self.joined_members(link.via)
+        own = set(await self.joined_members(link.room_id))
+        return [u for u in members if u != self.client.mxid and u not in own]
+
+    async def _push_link(self, link: Link, session_id: str | None = None) -> None:
+        try:
+            users = await self._admitted_users(link)
+        except (MatrixRequestError, MatrixConnectionError) as e:
+            self.log.warning(f"Could not list the members of {link.via}: {e}")
+            return
+        what = f"session {session_id}" if session_id else "state keys"
+        self.log.info(
+            f"{link.via} admits into {link.room_id}: pushing its {what} to {len(users)} member(s)"
+        )
+        await self.courier.submit(
+            OutboxItem(
+                room_id=link.room_id, user_id=u, trigger=LINK, via=link.via, session_id=session_id
+            )
+            for u in users
+        )
+
+    async def on_new_state(
+        self, room_id: str, session_ids: set[str], skip: set[Link] = frozenset()
+    ) -> None:
+        """A restricted room gained state sessions: push them to its allowed rooms' members
+        (but not through ``skip``, links whose members were just sent everything)."""
+        links = [
+            link for link in self.actionable() if link.room_id == room_id and link not in skip
+        ]
+        for link in sorted(links):
+            for session_id in sorted(session_ids):
+                await self._push_link(link, session_id)
+
+    async def joined_members(self, room_id: str) -> list[str]:
+        resp = await self.client.api.request(Method.GET, Path.v3.rooms[room_id].joined_members)
+        return list(resp.get("joined", {}))
