@@ -87,7 +87,7 @@ async def test_a_join_storm_into_a_space_is_served_in_few_calls(world) -> None:
         room_b = await restricted_room(world, admin, bot, room_a)
         sent = await admin.send_state(room_b, "m.room.name", "", {"name": f"Room {label}"})
         sessions[room_b] = sent
-    for room_b, sent in sessions.items():
+    for sent in sessions.values():
         await world.wait_valid(bot, sent.event_id)
 
     first = await asyncio.gather(*(world.user(f"m{i}") for i in range(30)))
