@@ -16,6 +16,7 @@ from mautrix.util.async_db import UpgradeTable
 from mautrix.util.config import BaseProxyConfig
 
 from . import protocol
+from .commands import Commands
 from .config import Config
 from .courier import Courier, RoomPolicy
 from .keyrequests import KeyRequests
@@ -23,6 +24,7 @@ from .migrations import upgrade_table
 from .policy import Mode
 from .pushes import Pushes
 from .ratelimit import RequestGate
+from .reseal import Resealer
 from .store import AuditRow, RoomRow, Store
 from .tracker import Tracker
 
@@ -99,6 +101,8 @@ class EncStateBot(Plugin):
         else:
             self._install_crypto_hooks()
             self.courier.start()
+        self.resealer = Resealer(self)
+        self.register_handler_class(Commands(self))
         self.client.add_event_handler(
             InternalEventType.SYNC_SUCCESSFUL, self._on_sync, wait_sync=True
         )

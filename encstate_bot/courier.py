@@ -15,7 +15,7 @@ import asyncio
 from collections import defaultdict
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 from attr import dataclass, evolve
 from mautrix.api import Method, Path
@@ -55,6 +55,10 @@ BATCH_ITEMS = 2000
 PUSH_COALESCE_SECONDS = 0.5  # a join storm becomes a few batches, not one per join
 MEMBER_LOOKUP_LIMIT = 20  # above this many users in one room, fetch the whole member list
 MAX_BACKOFF_MS = 5 * 60 * 1000
+
+# Unasked pushes: never the same (device, session, index) twice. Requests and an admin's
+# explicit share are always answered.
+PUSH_TRIGGERS = frozenset({"join", "invite", "link"})
 
 WITHHELD_TYPES = (EventType.ROOM_KEY_WITHHELD, EventType.ORG_MATRIX_ROOM_KEY_WITHHELD)
 
@@ -194,7 +198,9 @@ class Courier:
 
     # One batch ----------------------------------------------------------------------------------
 
-    async def deliver(self, items: list[OutboxItem]) -> None:
+    async def deliver(self, items: list[OutboxItem], dry_run: bool = False) -> list[Outcome]:
+        """Decide and deliver a batch; returns what each (device, session) came to. With
+        ``dry_run`` (or the room's dry-run policy) it decides and records but sends nothing."""
         outcomes: list[Outcome] = []
         skipped: list[OutboxItem] = []
         by_room: dict[str, list[OutboxItem]] = defaultdict(list)
@@ -206,12 +212,13 @@ class Courier:
         for room_id, room_items in by_room.items():
             try:
                 outcomes += await self._decide_room(
-                    room_id, room_items, devices, delivered, source
+                    room_id, room_items, devices, delivered, source, dry_run
                 )
             except (MatrixRequestError, MatrixConnectionError) as e:
                 self.log.warning(f"Could not read {room_id} for delivery, retrying later: {e}")
                 skipped += room_items
         await self._send(items, outcomes, skipped, source)
+        return outcomes
 
     async def _devices(self, user_ids: set[str]) -> dict[str, dict[str, DeviceIdentity]]:
         """Device identities for these users, with one key query for those not known yet."""
@@ -284,6 +291,7 @@ class Courier:
         devices: dict[str, dict[str, DeviceIdentity]],
         delivered: set[tuple[str, str, str, int]],
         source: SessionSource,
+        dry_run: bool = False,
     ) -> list[Outcome]:
         facts, policy = await self._room_facts(room_id)
         ledger = self.tracker.ledgers.get(room_id)
@@ -327,7 +335,7 @@ class Courier:
                     decision = decide(facts, who, session, held)
                     if (
                         isinstance(decision, Share)
-                        and item.trigger != REQUEST_LANE
+                        and item.trigger in PUSH_TRIGGERS
                         and (item.user_id, device_id, session_id, decision.index) in delivered
                     ):
                         continue  # never push the same (device, session, index) twice unasked
@@ -341,7 +349,7 @@ class Courier:
                             sender_key=group_session.sender_key if group_session else None,
                         )
                     )
-        if policy.dry_run:
+        if policy.dry_run or dry_run:
             for outcome in outcomes:
                 if isinstance(outcome.decision, Share):
                     outcome.decision = Ignore(
@@ -457,74 +465,131 @@ class Courier:
     async def _send_keys(
         self, shares: list[Outcome], source: SessionSource, recorded: set[int]
     ) -> tuple[list[Outcome], list[Outcome], int]:
-        """Olm-encrypt and send the forwarded keys, recording each call's shares as soon as it
-        went through; returns (sent, failed, calls)."""
+        """Forward the shared sessions, recording each call's shares as soon as it went
+        through; returns (sent, failed, calls)."""
+        exports: dict[tuple[str, str, int], ForwardedRoomKeyEventContent] = {}
+        plan: list[tuple[DeviceIdentity, EventType, Any, Outcome]] = []
+        for o in shares:
+            assert o.device is not None and isinstance(o.decision, Share)
+            key = (o.item.room_id, o.session_id, o.decision.index)
+            if key not in exports:
+                group_session = await source.get(o.item.room_id, o.session_id)
+                exports[key] = forwarded_content(
+                    group_session,
+                    o.item.room_id,
+                    o.session_id,
+                    o.decision.index,
+                    (o.item.room_id, o.session_id) in self.tracker.shared_history,
+                )
+            plan.append((o.device, EventType.FORWARDED_ROOM_KEY, exports[key], o))
+
+        async def record(outcomes: list[Outcome]) -> None:
+            rows = [self._audit_row(o) for o in outcomes]
+            await self.store.finish([], rows, [self._delivery(o) for o in outcomes])
+            recorded.update(id(o) for o in outcomes)
+            for o in outcomes:
+                self._log(o)
+            if self.on_shared:
+                await self.on_shared(rows)
+
+        sent, failed, no_olm, calls = await self.olm_send(plan, record)
+        for o in no_olm:
+            o.decision = Withhold(protocol.NO_OLM, "no Olm session could be established")
+        return sent, failed, calls
+
+    async def olm_send(
+        self,
+        plan: list[tuple[DeviceIdentity, EventType, Any, Any]],
+        on_sent: Callable[[list[Any]], Awaitable[None]] | None = None,
+    ) -> tuple[list[Any], list[Any], list[Any], int]:
+        """Bulk Olm delivery of (device, event type, content, token): one one-time-key claim
+        for the devices lacking an Olm session, encryption in process, then at most
+        MAX_PER_CALL messages per sendToDevice call. ``on_sent`` gets the tokens of each call
+        that went through. Returns (sent, failed, no Olm session, calls)."""
         crypto = self.crypto
         store = crypto.crypto_store
         missing: dict[str, dict[str, DeviceIdentity]] = defaultdict(dict)
-        for o in shares:
-            assert o.device is not None
-            if not await store.has_session(o.device.identity_key):
-                missing[o.item.user_id][o.device_id] = o.device
+        for device, _, _, _ in plan:
+            if device.device_id not in missing[device.user_id] and not await store.has_session(
+                device.identity_key
+            ):
+                missing[device.user_id][device.device_id] = device
+        missing = {user: devices for user, devices in missing.items() if devices}
         if missing:
             try:
                 await crypto._create_outbound_sessions(missing)
             except Exception as e:
                 self.log.warning(f"One-time key claim failed: {e}")
-        exports: dict[tuple[str, str, int], ForwardedRoomKeyEventContent] = {}
         messages: list[tuple[str, str, Any]] = []
-        by_message: dict[int, Outcome] = {}
+        tokens: dict[int, Any] = {}
+        no_olm: list[Any] = []
         async with crypto._olm_lock:
-            for o in shares:
-                assert o.device is not None and isinstance(o.decision, Share)
-                olm_session = await store.get_latest_session(o.device.identity_key)
+            for device, event_type, content, token in plan:
+                olm_session = await store.get_latest_session(device.identity_key)
                 if olm_session is None:
-                    o.decision = Withhold(protocol.NO_OLM, "no Olm session could be established")
+                    no_olm.append(token)
                     continue
-                key = (o.item.room_id, o.session_id, o.decision.index)
-                if key not in exports:
-                    group_session = await source.get(o.item.room_id, o.session_id)
-                    exports[key] = forwarded_content(
-                        group_session,
-                        o.item.room_id,
-                        o.session_id,
-                        o.decision.index,
-                        (o.item.room_id, o.session_id) in self.tracker.shared_history,
-                    )
                 encrypted = await crypto._encrypt_olm_event(
-                    olm_session, o.device, EventType.FORWARDED_ROOM_KEY, exports[key]
+                    olm_session, device, event_type, content
                 )
-                by_message[id(encrypted)] = o
-                messages.append((o.item.user_id, o.device_id, encrypted))
-        sent: list[Outcome] = []
-        failed: list[Outcome] = []
+                tokens[id(encrypted)] = token
+                messages.append((device.user_id, device.device_id, encrypted))
+        sent: list[Any] = []
+        failed: list[Any] = []
         calls = 0
         for chunk in rounds(messages):
-            outcomes = [by_message[id(m[2])] for m in chunk]
+            chunk_tokens = [tokens[id(m[2])] for m in chunk]
             try:
                 await self._send_chunk(EventType.TO_DEVICE_ENCRYPTED, chunk)
             except (MatrixRequestError, MatrixConnectionError) as e:
                 self.log.warning(f"sendToDevice of {len(chunk)} key(s) failed: {e}")
-                failed += outcomes
+                failed += chunk_tokens
                 continue
             calls += 1
             self.sent_calls += 1
-            sent += outcomes
+            sent += chunk_tokens
+            if on_sent:
+                await on_sent(chunk_tokens)
+        return sent, failed, no_olm, calls
+
+    async def send_room_keys(
+        self, room_id: str, keys: list[dict[str, Any]], user_ids: list[str], trigger: str
+    ) -> tuple[int, int]:
+        """Send the bot's own megolm sessions (``m.room_key`` contents) to every device of
+        these users; audit and record each delivery. Returns (keys sent, devices)."""
+        devices = await self._devices(set(user_ids))
+        plan = []
+        for user_id in user_ids:
+            for device_id, device in devices.get(user_id, {}).items():
+                if device.deleted or (
+                    user_id == self.client.mxid and device_id == self.client.device_id
+                ):
+                    continue
+                for content in keys:
+                    plan.append((device, EventType.ROOM_KEY, content, (device, content)))
+
+        async def record(sent: list[tuple[DeviceIdentity, dict[str, Any]]]) -> None:
+            rows = [
+                AuditRow(
+                    room_id=room_id,
+                    user_id=d.user_id,
+                    device_id=d.device_id,
+                    session_id=c["session_id"],
+                    decision="share",
+                    reason="the bot's own session for resealed state",
+                    trigger=trigger,
+                    msg_index=0,
+                )
+                for d, c in sent
+            ]
             await self.store.finish(
                 [],
-                [self._audit_row(o) for o in outcomes],
-                [
-                    (o.item.user_id, o.device_id, o.session_id, o.decision.index, o.item.room_id)
-                    for o in outcomes
-                    if isinstance(o.decision, Share)
-                ],
+                rows,
+                [(d.user_id, d.device_id, c["session_id"], 0, room_id) for d, c in sent],
             )
-            recorded.update(id(o) for o in outcomes)
-            for o in outcomes:
-                self._log(o)
-            if self.on_shared:
-                await self.on_shared([self._audit_row(o) for o in outcomes])
-        return sent, failed, calls
+
+        sent, _, _, _ = await self.olm_send(plan, record)
+        return len(sent), len({(d.user_id, d.device_id) for d, _ in sent})
 
     async def _send_withheld(self, withholds: list[Outcome]) -> set[int]:
         messages = []
@@ -574,6 +639,11 @@ class Courier:
         if isinstance(d, Withhold):
             return AuditRow(decision="withhold", code=d.code, reason=d.reason, **common)
         return AuditRow(decision="ignore", reason=d.reason, **common)
+
+    @staticmethod
+    def _delivery(o: Outcome) -> tuple[str, str, str, int, str]:
+        assert isinstance(o.decision, Share)
+        return o.item.user_id, o.device_id, o.session_id, o.decision.index, o.item.room_id
 
     def _log(self, o: Outcome) -> None:
         d = o.decision

@@ -18,7 +18,7 @@ from mautrix.api import Method, Path
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
 
 from .courier import Courier, RoomPolicy
-from .links import Link, LinkGraph
+from .links import Link, LinkGap, LinkGraph
 from .store import AuditRow, OutboxItem, Store
 from .tracker import Tracker
 
@@ -76,6 +76,10 @@ class Pushes:
 
     def actionable(self) -> set[Link]:
         return self.graph.actionable(self.joined, self.empowered)
+
+    def gaps(self) -> list[LinkGap]:
+        """Links the bot cannot act on (not empowered in the room, or not in the allowed one)."""
+        return self.graph.gaps(self.joined, self.empowered)
 
     def admitting_rooms(self, room_id: str) -> list[str]:
         """Allowed rooms of ``room_id`` whose membership the bot can check."""

@@ -112,6 +112,10 @@ class RoomView:
         except (TypeError, ValueError):
             return self.users_default
 
+    @property
+    def state_default(self) -> int:
+        return _as_int(self._levels().state_default, 50)
+
     def state_level(self, event_type: str) -> int:
         levels = self._levels()
         try:

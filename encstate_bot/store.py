@@ -318,6 +318,15 @@ class Store:
             for r in rows
         ]
 
+    async def audit_counts(self, room_id: str, since_ms: int) -> dict[str, int]:
+        rows = await self.db.fetch(
+            "SELECT decision, COUNT(*) AS n FROM encstate_audit WHERE room_id=$1 AND ts >= $2 "
+            "GROUP BY decision",
+            room_id,
+            since_ms,
+        )
+        return {r["decision"]: r["n"] for r in rows}
+
     # Delivery queue -----------------------------------------------------------------------------
 
     async def enqueue(self, items: Iterable[OutboxItem]) -> int:

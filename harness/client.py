@@ -49,6 +49,11 @@ class _StateStore(MemoryStateStore, CryptoStateStore):
         ]
 
 
+async def _not_encrypted_state(evt: Any) -> bool:
+    extra = getattr(evt, "unrecognized_", None) or {}
+    return getattr(evt, "state_key", None) is None and "state_key" not in extra
+
+
 class SentEvent:
     def __init__(self, event_id: str, session_id: str, index: int, ciphertext: str) -> None:
         self.event_id = event_id
@@ -101,6 +106,7 @@ class TestUser:
         self.device_id = ""
         self.client: Client = None  # type: ignore[assignment]
         self.crypto: OlmMachine = None  # type: ignore[assignment]
+        self.messages: list[Any] = []  # decrypted m.room.message events, in arrival order
         self.forwarded: list[dict[str, Any]] = []  # forwarded keys received
         self.withheld: list[dict[str, Any]] = []  # m.room_key.withheld received
         self.to_device_types: list[str] = []
@@ -147,6 +153,9 @@ class TestUser:
         self.client.add_event_handler(
             InternalEventType.SYNC_SUCCESSFUL, self._record_to_device, wait_sync=True
         )
+        self.client.add_event_handler(EventType.ROOM_MESSAGE, self._record_message)
+        # mautrix cannot decrypt MSC4362 state; read_state() does that. Keep it away.
+        self.client.add_event_middleware(EventType.ROOM_ENCRYPTED, _not_encrypted_state)
         self._first_sync = asyncio.Event()
         self.client.add_event_handler(InternalEventType.SYNC_SUCCESSFUL, self._synced)
         self.client.start(None)
@@ -162,8 +171,58 @@ class TestUser:
                 if raw.get("type") == "m.room_key.withheld":
                     self.withheld.append({"sender": raw.get("sender"), **raw.get("content", {})})
 
+    async def _record_message(self, evt: Any) -> None:
+        self.messages.append(evt)
+
     async def stop(self) -> None:
         self.client.stop()
+
+    # Talking to the bot ------------------------------------------------------------------------
+
+    async def command(self, room_id: str, text: str, bot_user: str, timeout: float = 60) -> str:
+        """Send ``text`` (encrypted, in its own megolm session) and return the bot's answer:
+        the newest version of its first message after ours, once it stops changing."""
+        await self.new_session(room_id)
+        since = len(self.messages)
+        await self.client.send_text(RoomID(room_id), text)
+        await self.new_session(room_id)
+
+        def answer() -> Any:
+            for evt in self.messages[since:]:
+                if evt.sender == bot_user and evt.room_id == room_id:
+                    return evt
+            return None
+
+        first = await eventually(answer, timeout=timeout)
+        return self.latest_text(first)
+
+    def latest_text(self, evt: Any) -> str:
+        """The body of a message, or of its newest edit."""
+        body = evt.content.body
+        for later in self.messages:
+            relates = getattr(later.content, "relates_to", None)
+            if (
+                relates is not None
+                and getattr(relates, "rel_type", None) is not None
+                and relates.rel_type.value == "m.replace"
+                and relates.event_id == evt.event_id
+            ):
+                new = getattr(later.content, "new_content", None)
+                body = new.body if new is not None else later.content.body
+        return body
+
+    async def wait_for_edit(self, bot_user: str, room_id: str, contains: str, timeout=60) -> str:
+        """Wait until one of the bot's messages here reads ``contains`` (edits included)."""
+
+        def found() -> str | None:
+            for evt in self.messages:
+                if evt.sender == bot_user and evt.room_id == room_id:
+                    text = self.latest_text(evt)
+                    if contains in text:
+                        return text
+            return None
+
+        return await eventually(found, timeout=timeout)
 
     # Rooms --------------------------------------------------------------------------------------
 

@@ -1,0 +1,523 @@
+"""The ``!encstate`` command family: what operators see and what they can change."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from maubot import MessageEvent
+from maubot.handlers import command
+from mautrix.types import CrossSigner, EventID
+
+from .courier import Outcome
+from .ledger import SessionKind, Status
+from .policy import Ignore, Mode, Share, Withhold
+from .render import Reply, cell, short_id
+from .store import OutboxItem, RoomRow
+
+if TYPE_CHECKING:
+    from .bot import EncStateBot
+
+DAY_MS = 24 * 3600 * 1000
+PROGRESS_EVERY = 50  # users per progress update for large shares
+
+HELP = [
+    ("help", "this list"),
+    ("status", "is encstate doing its job here: encryption, power, ledger, policy, queue"),
+    ("audit", "exposure report: mixed sessions, readable superseded values, invalid state"),
+    ("links", "restricted-room links into and out of this room, and whether the bot can act"),
+    ("share @user [device] [--dry-run]", "push this room's state keys now, per device"),
+    ("share --members [--dry-run]", "push to every current member (progress shown)"),
+    ("log [n]", "the last n decisions in this room, with reasons"),
+    (
+        "policy [members|cross-signed|off] [--invited on|off] [--dry-run on|off]",
+        "show or set this room's policy",
+    ),
+    ("state", "the room's current encrypted state as the bot decrypts it"),
+    ("reseal [--dry-run]", "re-encrypt current state in fresh sessions where no index can seal"),
+]
+CHANGING = {"share", "policy", "reseal"}
+
+
+class UsageError(ValueError):
+    pass
+
+
+def on_off(value: str, flag: str) -> bool:
+    if value in ("on", "true", "yes"):
+        return True
+    if value in ("off", "false", "no"):
+        return False
+    raise UsageError(f"{flag} takes on or off, not {value!r}")
+
+
+def ago(ts_ms: int, now_ms: int) -> str:
+    seconds = max(0, (now_ms - ts_ms) // 1000)
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    if seconds < 172800:
+        return f"{seconds // 3600}h ago"
+    return f"{seconds // 86400}d ago"
+
+
+def describe(decision: Any) -> tuple[str, str, str]:
+    """(decision, index or code, reason) for a table row."""
+    if isinstance(decision, Share):
+        return "share", f"from {decision.index}", decision.reason
+    if isinstance(decision, Withhold):
+        return "withhold", decision.code, decision.reason
+    if isinstance(decision, Ignore):
+        return "ignore", "", decision.reason
+    return str(decision), "", ""
+
+
+def short_value(event_type: str | None, content: Any) -> str:
+    if not isinstance(content, dict):
+        return cell(content, 40)
+    for key in ("name", "topic", "url", "alias"):
+        if isinstance(content.get(key), str):
+            return cell(content[key], 40)
+    return cell(json.dumps(content, ensure_ascii=False), 40)
+
+
+class Commands:
+    def __init__(self, bot: EncStateBot) -> None:
+        self.bot = bot
+
+    # Permissions --------------------------------------------------------------------------------
+
+    def can_manage(self, room_id: str, user_id: str) -> bool:
+        if user_id in self.bot.config["admins"]:
+            return True
+        view = self.bot.tracker.view(room_id)
+        return view.user_level(user_id) >= view.state_default
+
+    def can_read(self, room_id: str, user_id: str) -> bool:
+        if self.bot.config["read_only_commands"] == "members":
+            return True
+        return self.can_manage(room_id, user_id)
+
+    # Entry point --------------------------------------------------------------------------------
+
+    @command.new(name="encstate", help="encrypted room state keys: !encstate help")
+    @command.argument("args", pass_raw=True, required=False)
+    async def encstate(self, evt: MessageEvent, args: str = "") -> None:
+        words = (args or "").split()
+        name = words[0].lower() if words else "help"
+        handler = self.HANDLERS.get(name)
+        if handler is None:
+            await self.reply(evt, Reply().line(f"Unknown command {name!r}. Try !encstate help."))
+            return
+        allowed = (
+            self.can_manage(evt.room_id, evt.sender)
+            if name in CHANGING
+            else self.can_read(evt.room_id, evt.sender)
+        )
+        if not allowed:
+            level = self.bot.tracker.view(evt.room_id).state_default
+            await self.reply(
+                evt,
+                Reply().line(
+                    f"Sorry, {name} is for room admins (power level {level} or more) and "
+                    "encstate's configured admins."
+                ),
+            )
+            return
+        try:
+            await handler(self, evt, words[1:])
+        except UsageError as e:
+            await self.reply(evt, Reply().line(f"{e}. Try !encstate help."))
+
+    async def reply(
+        self, evt: MessageEvent, reply: Reply, edits: EventID | None = None
+    ) -> EventID:
+        return await evt.respond(reply.content(), edits=edits)
+
+    # Read-only ----------------------------------------------------------------------------------
+
+    async def help(self, evt: MessageEvent, args: list[str]) -> None:
+        reply = Reply("encstate commands")
+        reply.table(["command", "what it does"], [(f"!encstate {c}", h) for c, h in HELP])
+        reply.line("share, policy and reseal need the room's state_default power level.")
+        await self.reply(evt, reply)
+
+    async def status(self, evt: MessageEvent, args: list[str]) -> None:
+        bot, room = self.bot, evt.room_id
+        view = bot.tracker.view(room)
+        ledger = bot.tracker.ledgers.get(room)
+        level, default = view.user_level(bot.client.mxid), view.users_default
+        reply = Reply(f"encstate in {room}")
+        if view.state_encrypted:
+            encryption = f"on ({view.state_flag})"
+        else:
+            encryption = "off: this room does not encrypt its state"
+        if level > default:
+            power = f"{level} > users_default {default}: empowered"
+        else:
+            power = (
+                f"{level}, not above users_default {default}: NOT empowered. Give the bot a "
+                f"power level above {default} in the room settings."
+            )
+        counts = ledger.counts() if ledger else {}
+        missing = self._missing_sessions(room)
+        since = int(time.time() * 1000) - DAY_MS
+        decided = await bot.store.audit_counts(room, since)
+        policy = bot.room_policy(room)
+        reply.facts(
+            [
+                ("State encryption", encryption),
+                ("Bot power level", power),
+                (
+                    "State events",
+                    f"{counts.get('current', 0)} current, {counts.get('superseded', 0)} "
+                    f"superseded, {counts.get('invalid', 0)} invalid, "
+                    f"{counts.get('pending', 0)} not decrypted yet",
+                ),
+                (
+                    "Sessions",
+                    f"{counts.get('state_only_sessions', 0)} state-only, "
+                    f"{counts.get('mixed_sessions', 0)} mixed, {len(missing)} the bot lacks",
+                ),
+                ("Pending pushes", str(await bot.store.pending_count(room))),
+                (
+                    "Last 24 hours",
+                    f"{decided.get('share', 0)} shared, {decided.get('withhold', 0)} withheld, "
+                    f"{decided.get('ignore', 0)} ignored",
+                ),
+                (
+                    "Policy",
+                    f"{policy.mode.value}; invited {'on' if policy.share_with_invited else 'off'}"
+                    f"; dry run {'on' if policy.dry_run else 'off'}; mixed sessions "
+                    + ("shared as history" if policy.allow_mixed_shared_history else "never"),
+                ),
+                ("Bot device", f"{bot.client.device_id} ({await self._cross_signing()})"),
+            ]
+        )
+        if missing:
+            asking = ", ".join(map(short_id, missing))
+            reply.line(f"Sessions the bot is still asking for: {asking}")
+        gaps = [g for g in bot.pushes.gaps() if room in (g.link.room_id, g.link.via)]
+        if gaps:
+            reply.line("Links the bot cannot act on:")
+            reply.bullets(f"{g.link.via} → {g.link.room_id}: {g.reason}" for g in gaps)
+        await self.reply(evt, reply)
+
+    def _missing_sessions(self, room_id: str) -> list[str]:
+        ledger = self.bot.tracker.ledgers.get(room_id)
+        if ledger is None:
+            return []
+        sessions = ledger.sessions()
+        return sorted(s for s in sessions if ledger.facts(s).kind == SessionKind.PENDING)
+
+    async def _cross_signing(self) -> str:
+        crypto = self.bot.client.crypto
+        if crypto is None:
+            return "no end-to-end encryption"
+        try:
+            keys = await crypto.get_own_cross_signing_public_keys()
+        except Exception:
+            keys = None
+        if keys is None:
+            return "not cross-signed"
+        me = self.bot.client.mxid
+        signed = await crypto.crypto_store.is_key_signed_by(
+            target=CrossSigner(me, crypto.account.signing_key),
+            signer=CrossSigner(me, keys.self_signing_key),
+        )
+        return "cross-signed" if signed else "cross-signing keys exist, device not signed"
+
+    async def audit(self, evt: MessageEvent, args: list[str]) -> None:
+        room = evt.room_id
+        ledger = self.bot.tracker.ledgers.get(room)
+        reply = Reply(f"Exposure report for {room}")
+        if ledger is None:
+            await self.reply(evt, reply.line("The bot has seen no encrypted state here."))
+            return
+        found = False
+        mixed = []
+        exposed = []
+        gaps = []
+        for session_id in sorted(ledger.sessions()):
+            facts = ledger.facts(session_id)
+            if facts.kind == SessionKind.MIXED:
+                types = sorted({r.inner_type or "?" for r in facts.current + facts.superseded})
+                mixed.append(
+                    (
+                        short_id(session_id),
+                        ", ".join(types),
+                        f"{len(facts.message_indices)} message(s)",
+                    )
+                )
+            for rec in facts.exposed:
+                exposed.append(
+                    (
+                        short_id(session_id),
+                        rec.inner_type,
+                        rec.msg_index,
+                        facts.safe_index,
+                        short_id(rec.event_id, 12),
+                    )
+                )
+            if facts.gaps:
+                gaps.append((short_id(session_id), ", ".join(map(str, facts.gaps[:10]))))
+        if mixed:
+            found = True
+            reply.heading("Sessions that encrypt state and messages (refused)")
+            reply.table(["session", "state", "would expose"], mixed)
+        if exposed:
+            found = True
+            reply.heading("Superseded values still readable from the safe index")
+            reply.table(["session", "type", "index", "safe index", "event"], exposed)
+        invalid = [r for r in ledger.events.values() if r.status == Status.INVALID]
+        power = [r for r in invalid if r.reason and "power level" in r.reason]
+        other = [r for r in invalid if r not in power]
+        if other:
+            found = True
+            reply.heading("Invalid encrypted state (ignored)")
+            reply.table(
+                ["event", "outer key", "sender", "why"],
+                [(short_id(r.event_id, 12), r.outer_key, r.sender, r.reason) for r in other],
+            )
+        if power:
+            found = True
+            reply.heading("Senders who lacked the power level for the inner type")
+            reply.table(
+                ["event", "type", "sender", "why"],
+                [(short_id(r.event_id, 12), r.inner_type, r.sender, r.reason) for r in power],
+            )
+        pinned = ledger.far_future(int(time.time() * 1000))
+        if pinned:
+            found = True
+            reply.heading("Far-future timestamps pinning a value")
+            reply.table(
+                ["event", "type", "sender", "origin_server_ts"],
+                [(short_id(r.event_id, 12), r.inner_type, r.sender, r.origin_ts) for r in pinned],
+            )
+        missing = self._missing_sessions(room)
+        if missing:
+            found = True
+            reply.heading("Sessions the bot cannot supply (it does not hold them)")
+            reply.bullets(short_id(s) for s in missing)
+        if gaps:
+            found = True
+            reply.heading("Sessions with indices the bot never saw (refused)")
+            reply.table(["session", "unseen indices"], gaps)
+        if not found:
+            reply.line("No exposure found: every state session is state-only and sealed.")
+        elif mixed or exposed:
+            reply.line("!encstate reseal re-encrypts the current state in fresh sessions.")
+        await self.reply(evt, reply)
+
+    async def links(self, evt: MessageEvent, args: list[str]) -> None:
+        bot, room = self.bot, evt.room_id
+        graph = bot.pushes.graph
+        rows = []
+        for via in graph.allowed(room):
+            joined = via in bot.pushes.joined
+            acts = joined and bot.pushes.empowered(room)
+            rows.append(("admits members of", via, "yes" if joined else "no", "-", _yes(acts)))
+        for target in sorted(graph.allowing(room)):
+            view = bot.tracker.view(target)
+            level = view.user_level(bot.client.mxid)
+            empowered = view.empowered(bot.client.mxid)
+            joined = target in bot.pushes.joined
+            rows.append(
+                (
+                    "its members may enter",
+                    target,
+                    "yes" if joined else "no",
+                    f"{level} ({'empowered' if empowered else 'not empowered'})",
+                    _yes(empowered and room in bot.pushes.joined),
+                )
+            )
+        reply = Reply(f"Restricted-room links around {room}")
+        if not rows:
+            reply.line("No restricted join rule admits into or out of this room.")
+        reply.table(["direction", "room", "bot joined", "bot power there", "bot acts"], rows)
+        await self.reply(evt, reply)
+
+    async def log(self, evt: MessageEvent, args: list[str]) -> None:
+        try:
+            limit = max(1, min(int(args[0]), 100)) if args else 10
+        except ValueError as e:
+            raise UsageError(f"log takes a number, not {args[0]!r}") from e
+        rows = await self.bot.store.audit(evt.room_id, limit=limit)
+        now = int(time.time() * 1000)
+        reply = Reply(f"Last {len(rows)} decision(s) in this room")
+        if not rows:
+            reply.line("No decisions yet.")
+        reply.table(
+            ["when", "user", "device", "session", "decision", "index/code", "trigger", "reason"],
+            [
+                (
+                    ago(r.ts, now),
+                    r.user_id,
+                    r.device_id or "-",
+                    short_id(r.session_id),
+                    r.decision,
+                    r.code or ("" if r.msg_index is None else f"from {r.msg_index}"),
+                    r.trigger,
+                    r.reason,
+                )
+                for r in rows
+            ],
+        )
+        await self.reply(evt, reply)
+
+    async def state(self, evt: MessageEvent, args: list[str]) -> None:
+        room = evt.room_id
+        ledger = self.bot.tracker.ledgers.get(room)
+        reply = Reply(f"Current encrypted state of {room}")
+        if ledger is None or not ledger.current_state():
+            await self.reply(evt, reply.line("The bot holds no current encrypted state here."))
+            return
+        source = self.bot.tracker.session_source()
+        rows = []
+        for rec in ledger.current_state():
+            value = "?"
+            result = await source.decrypt(room, rec.session_id, rec.ciphertext)
+            plaintext = getattr(result, "plaintext", None)
+            if plaintext is not None:
+                try:
+                    value = short_value(rec.inner_type, json.loads(plaintext).get("content"))
+                except (ValueError, AttributeError):
+                    value = "?"
+            rows.append(
+                (
+                    rec.inner_type,
+                    rec.inner_key or '""',
+                    value,
+                    rec.sender,
+                    short_id(rec.session_id),
+                    rec.msg_index,
+                )
+            )
+        reply.table(["type", "state key", "value", "sender", "session", "index"], rows)
+        await self.reply(evt, reply)
+
+    # Changing -----------------------------------------------------------------------------------
+
+    async def policy(self, evt: MessageEvent, args: list[str]) -> None:
+        bot, room = self.bot, evt.room_id
+        row = bot.room_rows.get(room)
+        mode = row.mode if row else None
+        invited = row.share_invited if row else None
+        dry_run = row.dry_run if row else None
+        changed = False
+        words = list(args)
+        while words:
+            word = words.pop(0).lower()
+            if word in ("--invited", "--dry-run"):
+                if not words:
+                    raise UsageError(f"{word} needs on or off")
+                value = on_off(words.pop(0).lower(), word)
+                if word == "--invited":
+                    invited = value
+                else:
+                    dry_run = value
+            else:
+                try:
+                    mode = Mode.parse(word).value
+                except ValueError as e:
+                    raise UsageError(str(e)) from e
+            changed = True
+        if changed:
+            await bot.store.set_room_policy(room, mode, invited, dry_run)
+            bot.room_rows[room] = RoomRow(
+                room_id=room,
+                state_flag=row.state_flag if row else None,
+                backfilled=row.backfilled if row else False,
+                mode=mode,
+                share_invited=invited,
+                dry_run=dry_run,
+            )
+            bot.log.info(f"{evt.sender} set the policy of {room}: {mode} {invited} {dry_run}")
+        policy = bot.room_policy(room)
+        reply = Reply("Policy updated" if changed else "Policy in force")
+        reply.facts(
+            [
+                ("Shares with", _mode_text(policy.mode)),
+                ("Invited users", "treated as members" if policy.share_with_invited else "not"),
+                ("Dry run", "on: decides and records, sends nothing" if policy.dry_run else "off"),
+            ]
+        )
+        await self.reply(evt, reply)
+
+    async def share(self, evt: MessageEvent, args: list[str]) -> None:
+        bot, room = self.bot, evt.room_id
+        dry_run = "--dry-run" in args
+        words = [a for a in args if a != "--dry-run"]
+        if not words:
+            raise UsageError("share needs @user [device] or --members")
+        if words[0] == "--members":
+            users = [u for u in await bot.pushes.joined_members(room) if u != bot.client.mxid]
+            device = None
+        elif words[0].startswith("@") and ":" in words[0]:
+            users, device = [words[0]], (words[1] if len(words) > 1 else None)
+        else:
+            raise UsageError(f"{words[0]!r} is not a user ID")
+        items = [
+            OutboxItem(room_id=room, user_id=u, device_id=device, trigger="command") for u in users
+        ]
+        outcomes = await self._with_progress(evt, items, dry_run)
+        title = "Dry run: nothing sent" if dry_run else "Shared now"
+        reply = Reply(title)
+        if not outcomes:
+            reply.line("Nothing to decide: no devices, or no state sessions in this room.")
+        rows = []
+        for o in outcomes[:60]:
+            decision, detail, reason = describe(o.decision)
+            rows.append(
+                (o.item.user_id, o.device_id, short_id(o.session_id), decision, detail, reason)
+            )
+        reply.table(["user", "device", "session", "decision", "index/code", "reason"], rows)
+        if len(outcomes) > 60:
+            reply.line(f"… and {len(outcomes) - 60} more; see !encstate log.")
+        await self.reply(evt, reply)
+
+    async def _with_progress(
+        self, evt: MessageEvent, items: list[OutboxItem], dry_run: bool
+    ) -> list[Outcome]:
+        if len(items) <= PROGRESS_EVERY:
+            return await self.bot.courier.deliver(items, dry_run=dry_run)
+        progress = await self.reply(evt, Reply().line(f"Sharing with {len(items)} users: 0 done"))
+        outcomes: list[Outcome] = []
+        for start in range(0, len(items), PROGRESS_EVERY):
+            outcomes += await self.bot.courier.deliver(
+                items[start : start + PROGRESS_EVERY], dry_run=dry_run
+            )
+            done = min(start + PROGRESS_EVERY, len(items))
+            await self.reply(
+                evt, Reply().line(f"Sharing with {len(items)} users: {done} done"), edits=progress
+            )
+        return outcomes
+
+    async def reseal(self, evt: MessageEvent, args: list[str]) -> None:
+        await self.bot.resealer.command(self, evt, args)
+
+    HANDLERS: dict[str, Callable[[Commands, MessageEvent, list[str]], Awaitable[None]]] = {
+        "help": help,
+        "status": status,
+        "audit": audit,
+        "links": links,
+        "log": log,
+        "state": state,
+        "policy": policy,
+        "share": share,
+        "reseal": reseal,
+    }
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def _mode_text(mode: Mode) -> str:
+    return {
+        Mode.MEMBERS: "every current member's devices (members)",
+        Mode.CROSS_SIGNED: "only cross-signed devices (cross-signed)",
+        Mode.OFF: "nobody (off)",
+    }[mode]
