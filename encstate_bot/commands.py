@@ -140,7 +140,9 @@ class Commands:
 
     async def help(self, evt: MessageEvent, args: list[str]) -> None:
         reply = Reply("encstate commands")
-        reply.table(["command", "what it does"], [(f"!encstate {c}", h) for c, h in HELP])
+        reply.table(
+            ["command", "what it does"], [(f"!encstate {c}", h) for c, h in HELP], limit=120
+        )
         reply.line("share, policy and reseal need the room's state_default power level.")
         await self.reply(evt, reply)
 

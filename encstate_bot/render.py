@@ -43,7 +43,7 @@ class Reply:
     def facts(self, pairs: Iterable[tuple[str, str]]) -> Reply:
         """Label: value lines."""
         pairs = list(pairs)
-        self._plain += [f"- {label}: {value}" for label, value in pairs]
+        self._plain.append("\n".join(f"- {label}: {value}" for label, value in pairs))
         items = "".join(
             f"<li><strong>{escape(label)}</strong>: {escape(value)}</li>" for label, value in pairs
         )
@@ -52,12 +52,14 @@ class Reply:
 
     def bullets(self, items: Iterable[str]) -> Reply:
         items = list(items)
-        self._plain += [f"- {item}" for item in items]
+        self._plain.append("\n".join(f"- {item}" for item in items))
         self._html.append("<ul>" + "".join(f"<li>{escape(i)}</li>" for i in items) + "</ul>")
         return self
 
-    def table(self, headers: Sequence[str], rows: Iterable[Sequence[object]]) -> Reply:
-        body = [[cell(v) for v in row] for row in rows]
+    def table(
+        self, headers: Sequence[str], rows: Iterable[Sequence[object]], limit: int = MAX_CELL
+    ) -> Reply:
+        body = [[cell(v, limit) for v in row] for row in rows]
         if not body:
             return self
         widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(headers)]
