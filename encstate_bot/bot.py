@@ -24,6 +24,7 @@ from .migrations import upgrade_table
 from .policy import Mode
 from .pushes import Pushes
 from .ratelimit import RequestGate
+from .render import Reply, short_id
 from .reseal import Resealer
 from .store import AuditRow, RoomRow, Store
 from .tracker import Tracker
@@ -55,6 +56,7 @@ class EncStateBot(Plugin):
         self._patched: dict[str, Any] = {}
         self._supply_asked: dict[tuple[str, str], float] = {}
         self._gained_at_start: dict[str, set[str]] = {}
+        self._sync_seen = False
         self.ready = asyncio.Event()
         self.store = Store(self.database)
         self.room_rows: dict[str, RoomRow] = {r.room_id: r for r in await self.store.rooms()}
@@ -218,6 +220,10 @@ class EncStateBot(Plugin):
             elif first_ignored and raw.get("type") == "m.room.encrypted":
                 # maubot drops the first sync after a start: keep the room keys it carried.
                 await self._decrypt_skipped_to_device(raw)
+        if not self._sync_seen:
+            self._sync_seen = True
+            skipped = "maubot skipped it" if first_ignored else "it was not the first"
+            self.log.info(f"Sync running: processed the first sync encstate saw ({skipped})")
 
     async def _decrypt_skipped_to_device(self, raw: dict[str, Any]) -> None:
         if self.client.crypto is None:
@@ -437,15 +443,17 @@ class EncStateBot(Plugin):
         room = self.config["audit_room"]
         if not room:
             return
-        lines = [
-            f"- {r.user_id} / {r.device_id}: session {r.session_id} from index {r.msg_index} "
-            f"in {r.room_id} ({r.trigger})"
-            for r in rows[:50]
-        ]
-        more = f"\n- … and {len(rows) - 50} more" if len(rows) > 50 else ""
+        reply = Reply(f"encstate shared {len(rows)} key(s)")
+        reply.table(
+            ["room", "user", "device", "session", "from", "trigger"],
+            [
+                (r.room_id, r.user_id, r.device_id, short_id(r.session_id), r.msg_index, r.trigger)
+                for r in rows[:50]
+            ],
+        )
+        if len(rows) > 50:
+            reply.line(f"… and {len(rows) - 50} more")
         try:
-            await self.client.send_notice(
-                room, markdown=f"encstate shared {len(rows)} key(s):\n" + "\n".join(lines) + more
-            )
+            await self.client.send_message(room, reply.content())
         except (MatrixRequestError, MatrixConnectionError) as e:
             self.log.warning(f"Could not post to the audit room {room}: {e}")

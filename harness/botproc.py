@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -11,6 +12,8 @@ import sys
 import tempfile
 import time
 from typing import Any
+import urllib.request
+import uuid
 
 from ruamel.yaml import YAML
 
@@ -180,7 +183,30 @@ class BotProcess:
             await asyncio.sleep(0.1)
 
     async def wait_ready(self, timeout: float = 60) -> None:
+        """Until the start-up rescan is done and the first sync was seen (maubot ignores that
+        one, invites included, so a test must not invite the bot before it)."""
         await self.wait_for_log(r"Rescanned \d+ room", timeout)
+        try:
+            await self.wait_for_log(r"Sync running", 2)
+        except TimeoutError:
+            # After a restart the first sync is a long poll that returns only when something
+            # happens: make something happen (a to-device message to the bot itself).
+            await asyncio.get_running_loop().run_in_executor(None, self._nudge)
+            await self.wait_for_log(r"Sync running", timeout)
+
+    def _nudge(self) -> None:
+        body = json.dumps({"messages": {self.user_id: {self.device_id: {}}}}).encode()
+        req = urllib.request.Request(
+            f"{self.synapse.url}/_matrix/client/v3/sendToDevice/org.encstate.test.nudge/"
+            f"{uuid.uuid4()}",
+            data=body,
+            method="PUT",
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": f"Bearer {self.access_token}",
+            },
+        )
+        urllib.request.urlopen(req, timeout=10).close()
 
     def tail(self, lines: int = 60) -> str:
         text = self.log_text(since_start=False).splitlines()[-lines:]

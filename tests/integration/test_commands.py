@@ -185,3 +185,28 @@ async def test_reseal_moves_current_state_to_fresh_sessions(world) -> None:
     assert "Superseded values still readable" not in audit
     status = await admin.command(room, "!encstate status", bot.user_id)
     assert "3 current" in status
+
+
+async def test_the_audit_room_gets_a_notice_for_shares(world) -> None:
+    admin = await world.user("admin")
+    # the operators' room, unencrypted; the bot is configured to report there
+    audit_room = await admin.create_room(encrypted=False)
+    bot = await world.bot(config={"audit_room": audit_room})
+    await admin.invite(audit_room, bot.user_id)
+    await world.wait_joined(admin, audit_room, bot.user_id)
+    room = await world.room_with_bot(admin, bot)
+    name = await admin.send_state(room, "m.room.name", "", {"name": "Nightingale"})
+    await world.wait_valid(bot, name.event_id)
+    newcomer = await world.user("newcomer")
+    await admin.invite(room, newcomer.user_id)
+    await newcomer.join(room)
+    await eventually(lambda: newcomer.has_session(room, name.session_id))
+
+    def notice() -> str | None:
+        for evt in admin.messages:
+            if evt.room_id == audit_room and evt.sender == bot.user_id:
+                return evt.content.body
+        return None
+
+    text = await eventually(notice)
+    assert "encstate shared 1 key(s)" in text and newcomer.user_id in text
