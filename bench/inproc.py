@@ -1,0 +1,92 @@
+"""encstate in this process, wired exactly as maubot's standalone mode wires it (one SQLite
+database for the plugin, the crypto store and the sync token), so the benchmark can time the
+courier and the rescan directly and read this process's CPU time and memory."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from aiohttp import ClientSession
+from maubot.matrix import MaubotMatrixClient
+from maubot.standalone.database import NextBatch
+from maubot.standalone.database import upgrade_table as standalone_upgrade_table
+from mautrix.crypto import OlmMachine, PgCryptoStateStore, PgCryptoStore
+from mautrix.util.async_db import Database
+
+from encstate_bot import EncStateBot
+from encstate_bot.config import Config, _packaged_base
+from encstate_bot.migrations import upgrade_table
+from harness.synapse import Synapse
+
+
+class InProcessBot:
+    def __init__(self, synapse: Synapse, http: ClientSession, workdir: str, name: str) -> None:
+        self.synapse = synapse
+        self.http = http
+        self.path = os.path.join(workdir, f"{name}.db")
+        self.name = name
+        self.plugin: EncStateBot | None = None
+        self.db: Database | None = None
+
+    async def start(self, user_id: str | None = None, config: dict | None = None) -> EncStateBot:
+        loop = asyncio.get_running_loop()
+        if user_id is None:
+            user_id = await loop.run_in_executor(None, self.synapse.register, self.name)
+        self.user_id = user_id
+        token, device_id = await loop.run_in_executor(None, self.synapse.login, user_id)
+        self.db = Database.create(
+            f"sqlite:{self.path}",
+            upgrade_table=standalone_upgrade_table,
+            db_args={"min_size": 1},
+            log=logging.getLogger("bench.db"),
+        )
+        await self.db.start()
+        next_batch = await NextBatch(self.db, user_id).load()
+        crypto_store = PgCryptoStore(account_id=user_id, pickle_key="bench", db=self.db)
+        state_store = PgCryptoStateStore(self.db)
+        await crypto_store.upgrade_table.upgrade(self.db)
+        await state_store.upgrade_table.upgrade(self.db)
+        await crypto_store.open()
+        client = MaubotMatrixClient(
+            mxid=user_id,
+            base_url=self.synapse.url,
+            token=token,
+            client_session=self.http,
+            loop=loop,
+            log=logging.getLogger("bench.client"),
+            sync_store=next_batch,
+            state_store=state_store,
+            device_id=device_id,
+        )
+        client.crypto = OlmMachine(client, crypto_store, state_store)
+        await client.crypto.load()
+        await crypto_store.put_device_id(device_id)
+        await client.crypto.share_keys()
+        overrides = {"push_on_join": False, "self_supply": {"enabled": False}, **(config or {})}
+        plugin_config = Config(
+            load=lambda: overrides, load_base=_packaged_base, save=lambda _: None
+        )
+        await upgrade_table.upgrade(self.db)
+        self.plugin = EncStateBot(
+            client=client,
+            loop=loop,
+            http=self.http,
+            instance_id=self.name,
+            log=logging.getLogger(f"bench.{self.name}"),
+            config=plugin_config,
+            database=self.db,
+            webapp=None,
+            webapp_url=None,
+            loader=None,
+        )
+        await self.plugin.internal_start()
+        await self.plugin.ready.wait()
+        return self.plugin
+
+    async def stop(self) -> None:
+        if self.plugin is not None:
+            await self.plugin.internal_stop()
+        if self.db is not None:
+            await self.db.stop()
