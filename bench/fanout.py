@@ -99,7 +99,7 @@ async def courier_push(bot: InProcessBot, room: Room, users: list[list[Device]],
     rss0 = rss_mb()
     with Timer() as timer:
         await plugin.courier.submit(items)
-        while await plugin.store.pending_count(room.room_id):
+        while await plugin.store.pending_count(room.room_id):  # noqa: ASYNC110 (the queue is the observable)
             await asyncio.sleep(0.01)
     rows = await plugin.store.audit(room.room_id, limit=100_000, since_ms=since)
     shares = [r for r in rows if r.decision == "share"]
