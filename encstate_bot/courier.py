@@ -30,6 +30,7 @@ from mautrix.types import (
 )
 
 from . import protocol
+from .bulk_olm import BulkOlm
 from .ledger import SessionFacts, SessionKind
 from .policy import (
     Decision,
@@ -50,9 +51,12 @@ if TYPE_CHECKING:
 MAX_PER_CALL = 250
 REQUEST_LANE = "request"
 PUSH_LANE = "push"
-PER_ROOM_ITEMS = 400  # one busy room cannot take a whole batch
+PER_ROOM_ITEMS = 1000  # one busy room cannot take a whole batch
 BATCH_ITEMS = 2000
-PUSH_COALESCE_SECONDS = 0.5  # a join storm becomes a few batches, not one per join
+# A join storm becomes a few batches, not one per join: when a push lane wakes to a short
+# queue it waits this long for more.
+PUSH_COALESCE_SECONDS = 0.5
+COALESCE_BELOW = 50
 MEMBER_LOOKUP_LIMIT = 20  # above this many users in one room, fetch the whole member list
 MAX_BACKOFF_MS = 5 * 60 * 1000
 
@@ -126,6 +130,7 @@ class Courier:
         self.tracker = tracker
         self.room_policy = room_policy
         self.admitting_rooms = admitting_rooms or (lambda room_id: [])
+        self.bulk = BulkOlm(client, log)
         self.log = log
         self.on_shared = on_shared
         self._wake = {REQUEST_LANE: asyncio.Event(), PUSH_LANE: asyncio.Event()}
@@ -185,7 +190,7 @@ class Courier:
                 await asyncio.wait_for(wake.wait(), timeout)
             except asyncio.TimeoutError:
                 continue
-            if lane == PUSH_LANE:
+            if lane == PUSH_LANE and await self.store.pending_count() < COALESCE_BELOW:
                 await asyncio.sleep(PUSH_COALESCE_SECONDS)
 
     async def drain(self, lane: str) -> bool:
@@ -222,24 +227,14 @@ class Courier:
 
     async def _devices(self, user_ids: set[str]) -> dict[str, dict[str, DeviceIdentity]]:
         """Device identities for these users, with one key query for those not known yet."""
-        store = self.crypto.crypto_store
-        found: dict[str, dict[str, DeviceIdentity]] = {}
-        unknown = []
-        for user_id in user_ids:
-            devices = await store.get_devices(user_id)
-            if devices is None:
-                unknown.append(user_id)
-            else:
-                found[user_id] = devices
-        if unknown:
-            try:
-                fetched = await self.crypto._fetch_keys(unknown, include_untracked=True)
-            except (MatrixRequestError, MatrixConnectionError) as e:
-                self.log.warning(f"Key query for {len(unknown)} user(s) failed: {e}")
-                fetched = {}
-            for user_id in unknown:
-                found[user_id] = fetched.get(user_id, {})
-        return found
+        try:
+            return await self.bulk.devices(user_ids)
+        except (MatrixRequestError, MatrixConnectionError) as e:
+            self.log.warning(f"Key query for {len(user_ids)} user(s) failed: {e}")
+            known = {}
+            for user_id in user_ids:
+                known[user_id] = await self.crypto.crypto_store.get_devices(user_id) or {}
+            return known
 
     async def _room_facts(self, room_id: str) -> tuple[RoomFacts, RoomPolicy]:
         view = self.tracker.view(room_id)
@@ -502,54 +497,94 @@ class Courier:
         plan: list[tuple[DeviceIdentity, EventType, Any, Any]],
         on_sent: Callable[[list[Any]], Awaitable[None]] | None = None,
     ) -> tuple[list[Any], list[Any], list[Any], int]:
-        """Bulk Olm delivery of (device, event type, content, token): one one-time-key claim
-        for the devices lacking an Olm session, encryption in process, then at most
-        MAX_PER_CALL messages per sendToDevice call. ``on_sent`` gets the tokens of each call
-        that went through. Returns (sent, failed, no Olm session, calls)."""
-        crypto = self.crypto
-        store = crypto.crypto_store
-        missing: dict[str, dict[str, DeviceIdentity]] = defaultdict(dict)
-        for device, _, _, _ in plan:
-            if device.device_id not in missing[device.user_id] and not await store.has_session(
-                device.identity_key
-            ):
-                missing[device.user_id][device.device_id] = device
-        missing = {user: devices for user, devices in missing.items() if devices}
-        if missing:
-            try:
-                await crypto._create_outbound_sessions(missing)
-            except Exception as e:
-                self.log.warning(f"One-time key claim failed: {e}")
-        messages: list[tuple[str, str, Any]] = []
-        tokens: dict[int, Any] = {}
-        no_olm: list[Any] = []
-        async with crypto._olm_lock:
-            for device, event_type, content, token in plan:
-                olm_session = await store.get_latest_session(device.identity_key)
-                if olm_session is None:
-                    no_olm.append(token)
-                    continue
-                encrypted = await crypto._encrypt_olm_event(
-                    olm_session, device, event_type, content
-                )
-                tokens[id(encrypted)] = token
-                messages.append((device.user_id, device.device_id, encrypted))
+        """Bulk Olm delivery of (device, event type, content, token), in groups of at most
+        MAX_PER_CALL devices: one one-time-key claim for the group's devices lacking an Olm
+        session, encryption in process (the ratchets stored before anything is sent), then one
+        sendToDevice call per message a device gets. While a group's calls are in flight the
+        next group is claimed and encrypted. ``on_sent`` gets the tokens of each call that went
+        through. Returns (sent, failed, no Olm session, calls)."""
+        per_device: dict[str, list[tuple[DeviceIdentity, EventType, Any, Any]]] = {}
+        for entry in plan:
+            per_device.setdefault(entry[0].identity_key, []).append(entry)
+        existing = await self.bulk.store.latest_sessions(per_device)
+        keys = list(per_device)
         sent: list[Any] = []
         failed: list[Any] = []
+        no_olm: list[Any] = []
         calls = 0
-        for chunk in rounds(messages):
-            chunk_tokens = [tokens[id(m[2])] for m in chunk]
-            try:
-                await self._send_chunk(EventType.TO_DEVICE_ENCRYPTED, chunk)
-            except (MatrixRequestError, MatrixConnectionError) as e:
-                self.log.warning(f"sendToDevice of {len(chunk)} key(s) failed: {e}")
-                failed += chunk_tokens
-                continue
-            calls += 1
-            self.sent_calls += 1
-            sent += chunk_tokens
-            if on_sent:
-                await on_sent(chunk_tokens)
+
+        async def deliver(rounds_: list[list[tuple[tuple, dict]]]) -> int:
+            done = 0
+            for messages in rounds_:
+                tokens = [entry[3] for entry, _ in messages]
+                chunk = [(e[0].user_id, e[0].device_id, content) for e, content in messages]
+                try:
+                    await self._send_chunk(EventType.TO_DEVICE_ENCRYPTED, chunk)
+                except (MatrixRequestError, MatrixConnectionError) as e:
+                    self.log.warning(f"sendToDevice of {len(chunk)} message(s) failed: {e}")
+                    failed.extend(tokens)
+                    continue
+                done += 1
+                self.sent_calls += 1
+                sent.extend(tokens)
+                if on_sent:
+                    await on_sent(tokens)
+            return done
+
+        groups = [keys[i : i + MAX_PER_CALL] for i in range(0, len(keys), MAX_PER_CALL)]
+        lacking = [[per_device[k][0][0] for k in g if k not in existing] for g in groups]
+        claims: list[asyncio.Task | None] = [None] * len(groups)
+
+        def claim(index: int) -> None:
+            if index < len(groups) and lacking[index] and claims[index] is None:
+                claims[index] = asyncio.create_task(self.bulk.claim(lacking[index]))
+
+        in_flight: asyncio.Task | None = None
+        try:
+            claim(0)
+            for index, group in enumerate(groups):
+                claim(index + 1)  # the homeserver works on the next claim meanwhile
+                sessions = {k: existing[k] for k in group if k in existing}
+                task = claims[index]
+                if task is not None:
+                    try:
+                        claimed = await task
+                    except (MatrixRequestError, MatrixConnectionError) as e:
+                        self.log.warning(f"One-time key claim failed: {e}")
+                        claimed = {}
+                    sessions.update(await self.bulk.sessions_from_claim(lacking[index], claimed))
+                entries = []
+                for key in group:
+                    if key in sessions:
+                        entries += per_device[key]
+                    else:
+                        no_olm += [entry[3] for entry in per_device[key]]
+                async with self.crypto._olm_lock:
+                    contents = await self.bulk.encrypt(
+                        [
+                            (device, event_type, content)
+                            for device, event_type, content, _ in entries
+                        ],
+                        sessions,
+                    )
+                by_round: list[list[tuple[tuple, dict]]] = []
+                depth: dict[str, int] = {}
+                for entry, content in zip(entries, contents, strict=True):
+                    level = depth.get(entry[0].identity_key, 0)
+                    depth[entry[0].identity_key] = level + 1
+                    if level == len(by_round):
+                        by_round.append([])
+                    by_round[level].append((entry, content))
+                if in_flight is not None:
+                    calls += await in_flight
+                in_flight = asyncio.create_task(deliver(by_round))
+            if in_flight is not None:
+                calls += await in_flight
+                in_flight = None
+        finally:
+            for task in [in_flight, *claims]:
+                if task is not None and not task.done():
+                    task.cancel()
         return sent, failed, no_olm, calls
 
     async def send_room_keys(
