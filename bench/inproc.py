@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from typing import Awaitable, Callable
 
 from aiohttp import ClientSession
 from maubot.matrix import MaubotMatrixClient
@@ -30,12 +31,24 @@ class InProcessBot:
         self.plugin: EncStateBot | None = None
         self.db: Database | None = None
 
-    async def start(self, user_id: str | None = None, config: dict | None = None) -> EncStateBot:
+    async def start(
+        self,
+        user_id: str | None = None,
+        config: dict | None = None,
+        before_plugin: Callable[[OlmMachine], Awaitable[None]] | None = None,
+        reuse_device: bool = False,
+    ) -> EncStateBot:
+        """Log in a new device (or reuse the last one and its database) and start the plugin;
+        ``before_plugin`` runs once the crypto store is open, before the plugin's rescan."""
         loop = asyncio.get_running_loop()
         if user_id is None:
             user_id = await loop.run_in_executor(None, self.synapse.register, self.name)
         self.user_id = user_id
-        token, device_id = await loop.run_in_executor(None, self.synapse.login, user_id)
+        if reuse_device:
+            token, device_id = self.token, self.device_id
+        else:
+            token, device_id = await loop.run_in_executor(None, self.synapse.login, user_id)
+        self.token, self.device_id = token, device_id
         self.db = Database.create(
             f"sqlite:{self.path}",
             upgrade_table=standalone_upgrade_table,
@@ -63,7 +76,10 @@ class InProcessBot:
         client.crypto = OlmMachine(client, crypto_store, state_store)
         await client.crypto.load()
         await crypto_store.put_device_id(device_id)
-        await client.crypto.share_keys()
+        if not reuse_device:
+            await client.crypto.share_keys()
+        if before_plugin is not None:
+            await before_plugin(client.crypto)
         overrides = {"push_on_join": False, "self_supply": {"enabled": False}, **(config or {})}
         plugin_config = Config(
             load=lambda: overrides, load_base=_packaged_base, save=lambda _: None
@@ -88,5 +104,7 @@ class InProcessBot:
     async def stop(self) -> None:
         if self.plugin is not None:
             await self.plugin.internal_stop()
+            self.plugin = None
         if self.db is not None:
             await self.db.stop()
+            self.db = None

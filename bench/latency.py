@@ -1,7 +1,194 @@
-"""Request latency: newcomers ask for a room's state sessions while a big push runs."""
+"""Request latency: newcomers each ask for a room's three state sessions at once, from sending the
+request to the forwarded key arriving, first with the bot idle (the baseline) and then while it
+pushes a restricted room's keys to 1,000 fresh devices in another room. The bot runs as in
+production: maubot standalone, its own process."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sqlite3
+import statistics
+import time
 
-async def run(synapse, http, workdir, report, quick) -> None:
-    report.note("latency: not written yet")
+from aiohttp import ClientSession
+
+from harness.botproc import BotProcess
+from harness.client import TestUser, eventually
+from harness.synapse import Synapse
+
+from .population import Population
+from .report import Report, proc_cpu_seconds, proc_rss_mb
+
+NEWCOMERS = 50
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def delivered(bot: BotProcess, room_id: str) -> int:
+    path = bot.database.removeprefix("sqlite:")
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10) as conn:
+        return conn.execute(
+            "SELECT COUNT(*) FROM encstate_delivered WHERE room_id=?", (room_id,)
+        ).fetchone()[0]
+
+
+async def ask_all(
+    newcomers: list[TestUser], room_id: str, sessions: list[str], bot: BotProcess
+) -> tuple[list[float], list[float]]:
+    """Every newcomer asks for every session at once. Returns latencies in ms, counted from
+    when each request was sent and from when the homeserver accepted it (its PUT returned):
+    the first includes the homeserver working through the burst of requests itself."""
+    sent_at: dict[tuple[str, str], float] = {}
+    accepted_at: dict[tuple[str, str], float] = {}
+    marks = {id(u): len(u.forwarded) for u in newcomers}
+
+    async def ask(user: TestUser, session_id: str) -> None:
+        sent_at[(user.user_id, session_id)] = time.time()
+        await user.request_key(room_id, session_id, bot.user_id, [bot.device_id])
+        accepted_at[(user.user_id, session_id)] = time.time()
+
+    await asyncio.gather(*(ask(u, s) for u in newcomers for s in sessions))
+
+    def arrived() -> bool:
+        return all(
+            {f["session_id"] for f in u.forwarded[marks[id(u)] :]} >= set(sessions)
+            for u in newcomers
+        )
+
+    await eventually(arrived, timeout=120, interval=0.05)
+    from_sent, from_accepted = [], []
+    for user in newcomers:
+        for forwarded in user.forwarded[marks[id(user)] :]:
+            key = (user.user_id, forwarded["session_id"])
+            if key in sent_at:
+                from_sent.append((forwarded["at"] - sent_at.pop(key)) * 1000)
+                from_accepted.append(max(0.0, forwarded["at"] - accepted_at.pop(key)) * 1000)
+    return from_sent, from_accepted
+
+
+async def run(
+    synapse: Synapse, http: ClientSession, workdir: str, report: Report, quick: bool
+) -> None:
+    fanout_users = 50 if quick else 500
+    newcomer_count = 10 if quick else NEWCOMERS
+    loop = asyncio.get_running_loop()
+    bot_user = await loop.run_in_executor(None, synapse.register, "latency-bot")
+    token, device_id = await loop.run_in_executor(None, synapse.login, bot_user)
+    bot = BotProcess(
+        synapse,
+        bot_user,
+        token,
+        device_id,
+        plugin_config={"push_on_join": False},
+        workdir=os.path.join(workdir, "latency-bot"),
+        log_level="INFO",
+    )
+    os.makedirs(bot.workdir, exist_ok=True)
+    bot.start()
+    users: list[TestUser] = []
+    try:
+        await bot.wait_ready()
+        admin = await TestUser.create(synapse, "latency-admin", http)
+        users.append(admin)
+
+        async def joined(room_id: str) -> bool:
+            return bot_user in await admin.joined_members(room_id)
+
+        # The room newcomers ask about.
+        room = await admin.create_room(
+            invite=[bot_user], power={bot_user: 50}, join_rule={"join_rule": "public"}
+        )
+        await eventually(lambda: joined(room), timeout=30)
+        sessions = []
+        for event_type, content in (
+            ("m.room.name", {"name": "Latency"}),
+            ("m.room.topic", {"topic": "asked for"}),
+            ("m.room.avatar", {"url": "mxc://bench/a"}),
+        ):
+            await admin.new_session(room)
+            sessions.append((await admin.send_state(room, event_type, "", content)).session_id)
+
+        # The restricted room whose keys go to a big room's members, and that big room.
+        space = await admin.create_room(
+            invite=[bot_user], encrypted=False, join_rule={"join_rule": "public"}
+        )
+        await eventually(lambda: joined(space), timeout=30)
+        restricted = await admin.create_room(
+            invite=[bot_user],
+            power={bot_user: 50},
+            join_rule={"join_rule": "restricted", "allow": []},
+        )
+        await eventually(lambda: joined(restricted), timeout=30)
+        for event_type in ("m.room.name", "m.room.topic", "m.room.avatar"):
+            await admin.new_session(restricted)
+            await admin.send_state(restricted, event_type, "", {"name": "x", "topic": "y"})
+        pop = Population(synapse, http)
+        crowd = await pop.users("crowd", fanout_users, devices=2, one_time_keys=5)
+        await pop.join(space, crowd)
+
+        newcomers = await asyncio.gather(
+            *(
+                TestUser.create(synapse, f"newcomer{i}-{os.getpid()}", http)
+                for i in range(newcomer_count)
+            )
+        )
+        users += newcomers
+        await asyncio.gather(*(u.join(room) for u in newcomers))
+        await asyncio.sleep(2)
+
+        idle_sent, idle = await ask_all(newcomers, room, sessions, bot)
+        await asyncio.sleep(6)  # past the duplicate window
+
+        devices = fanout_users * 2
+        cpu0 = proc_cpu_seconds(bot.proc.pid)
+        started = time.monotonic()
+        await admin.put_state(
+            restricted,
+            "m.room.join_rules",
+            "",
+            {
+                "join_rule": "restricted",
+                "allow": [{"type": "m.room_membership", "room_id": space}],
+            },
+        )
+        await bot.wait_for_log(f"{space} admits into {restricted}", timeout=60)
+        busy_sent, busy = await ask_all(newcomers, room, sessions, bot)
+        pushed_during = delivered(bot, restricted)
+        await eventually(lambda: delivered(bot, restricted) >= devices * 3, timeout=300)
+        fanout_wall = time.monotonic() - started
+        fanout_cpu = proc_cpu_seconds(bot.proc.pid) - cpu0
+        rss = proc_rss_mb(bot.proc.pid, "VmHWM")
+    finally:
+        for user in users:
+            await user.stop()
+        bot.stop()
+
+    report.row(
+        f"request latency, {len(busy)} requests from {newcomer_count} newcomers at once, "
+        "from the homeserver accepting each",
+        f"p50 {percentile(busy, 50):.0f} ms, p95 {percentile(busy, 95):.0f} ms during a "
+        f"{devices}-device push",
+        f"p50 {percentile(idle, 50):.0f} ms, p95 {percentile(idle, 95):.0f} ms, bot idle",
+        "p50 <= 50 ms, p95 <= 250 ms",
+    )
+    report.row(
+        "the same, from sending each request",
+        f"p50 {percentile(busy_sent, 50):.0f} ms, p95 {percentile(busy_sent, 95):.0f} ms",
+        f"p50 {percentile(idle_sent, 50):.0f} ms, p95 {percentile(idle_sent, 95):.0f} ms",
+    )
+    report.note(
+        f"latency: the concurrent push reached {devices} devices x 3 sessions in "
+        f"{fanout_wall:.2f} s ({fanout_cpu:.2f} s bot CPU, peak RSS {rss:.0f} MB); "
+        f"{pushed_during} keys were out when the last newcomer was served; mean "
+        f"{statistics.mean(busy):.0f} ms"
+    )
+    report.result("request_latency_p50_ms", percentile(busy, 50))
+    report.result("request_latency_p95_ms", percentile(busy, 95))
+    report.result("request_latency_idle_p50_ms", percentile(idle, 50))
+    report.result("request_latency_idle_p95_ms", percentile(idle, 95))
+    report.result("request_latency_from_send_p50_ms", percentile(busy_sent, 50))
+    report.result("request_latency_from_send_p95_ms", percentile(busy_sent, 95))

@@ -212,14 +212,17 @@ class EncStateBot(Plugin):
                 self.log.exception(f"Failed to process sync for {room_id}")
         if links_changed and self.ready.is_set():
             await self.pushes.refresh_links()
+        requests = []
         for raw in (data.get("to_device") or {}).get("events", []):
             if not isinstance(raw, dict):
                 continue
             if raw.get("type") == "m.room_key_request":
-                await self.requests.handle(raw.get("sender"), raw.get("content"))
+                requests.append((raw.get("sender"), raw.get("content")))
             elif first_ignored and raw.get("type") == "m.room.encrypted":
                 # maubot drops the first sync after a start: keep the room keys it carried.
                 await self._decrypt_skipped_to_device(raw)
+        if requests:
+            await self.requests.handle(requests)
         if not self._sync_seen:
             self._sync_seen = True
             skipped = "maubot skipped it" if first_ignored else "it was not the first"

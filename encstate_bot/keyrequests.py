@@ -43,38 +43,44 @@ class KeyRequests:
         self.dropped: dict[str, int] = {}
         self._last_drop_audit: OrderedDict[tuple[str, str], float] = OrderedDict()
 
-    async def handle(self, sender: Any, content: Any) -> None:
-        parsed = protocol.parse_key_request(sender, content)
-        if isinstance(parsed, protocol.Invalid):
-            self.log.info(
-                f"Ignoring malformed key request from {str(sender)[:80]}: {parsed.reason}"
-            )
-            self._count("malformed")
-            return
-        if parsed.user_id == self.own_user:
-            return  # the bot's own devices: mautrix's own key sharing handles those
-        if isinstance(parsed, protocol.KeyCancellation):
-            await self.cancel(parsed)
-            return
+    async def handle(self, events: list[tuple[Any, Any]]) -> None:
+        """Take the (sender, content) of the key requests in one sync, in order: everything
+        admitted goes to the courier in one submission."""
         now = time.monotonic()
-        refusal = self.gate.admit(
-            parsed.user_id, parsed.device_id, parsed.request_id, parsed.session_id, now
-        )
-        if refusal is not None:
-            self._count(refusal)
-            self.log.debug(
-                f"Dropping key request {parsed.request_id} from "
-                f"{parsed.user_id}/{parsed.device_id}: {refusal}"
+        items: list[OutboxItem] = []
+        drops: list[AuditRow] = []
+        for sender, content in events:
+            parsed = protocol.parse_key_request(sender, content)
+            if isinstance(parsed, protocol.Invalid):
+                self.log.info(
+                    f"Ignoring malformed key request from {str(sender)[:80]}: {parsed.reason}"
+                )
+                self._count("malformed")
+                continue
+            if parsed.user_id == self.own_user:
+                continue  # the bot's own devices: mautrix's own key sharing handles those
+            if isinstance(parsed, protocol.KeyCancellation):
+                key = (parsed.user_id, parsed.device_id, parsed.request_id)
+                items = [i for i in items if (i.user_id, i.device_id, i.request_id) != key]
+                await self.cancel(parsed)
+                continue
+            refusal = self.gate.admit(
+                parsed.user_id, parsed.device_id, parsed.request_id, parsed.session_id, now
             )
-            await self._audit_drop(parsed, refusal, now)
-            return
-        self._remember(parsed, now)
-        self.log.debug(
-            f"Key request {parsed.request_id} from {parsed.user_id}/{parsed.device_id} for "
-            f"{parsed.session_id} in {parsed.room_id}"
-        )
-        await self.courier.submit(
-            [
+            if refusal is not None:
+                self._count(refusal)
+                self.log.debug(
+                    f"Dropping key request {parsed.request_id} from "
+                    f"{parsed.user_id}/{parsed.device_id}: {refusal}"
+                )
+                drops += self._drop_row(parsed, refusal, now)
+                continue
+            self._remember(parsed, now)
+            self.log.debug(
+                f"Key request {parsed.request_id} from {parsed.user_id}/{parsed.device_id} for "
+                f"{parsed.session_id} in {parsed.room_id}"
+            )
+            items.append(
                 self._item(
                     parsed.user_id,
                     parsed.device_id,
@@ -82,8 +88,11 @@ class KeyRequests:
                     parsed.room_id,
                     parsed.session_id,
                 )
-            ]
-        )
+            )
+        if items:
+            await self.courier.submit(items)
+        if drops:
+            await self.store.add_audit(drops)
 
     @staticmethod
     def _item(
@@ -133,27 +142,26 @@ class KeyRequests:
     def _count(self, why: str) -> None:
         self.dropped[why] = self.dropped.get(why, 0) + 1
 
-    async def _audit_drop(self, req: protocol.KeyRequest, why: str, now: float) -> None:
-        """Audit the first dropped request per device and minute (the rest are counted), so a
-        flood cannot fill the database."""
+    def _drop_row(self, req: protocol.KeyRequest, why: str, now: float) -> list[AuditRow]:
+        """An audit row for the first dropped request per device and minute (the rest are
+        counted), so a flood cannot fill the database."""
         key = (req.user_id, req.device_id)
         last = self._last_drop_audit.pop(key, None)
-        self._last_drop_audit[key] = last if last and now - last < DROP_AUDIT_SECONDS else now
+        recent = last is not None and now - last < DROP_AUDIT_SECONDS
+        self._last_drop_audit[key] = last if recent else now
         while len(self._last_drop_audit) > MAX_WAITING:
             self._last_drop_audit.popitem(last=False)
-        if last and now - last < DROP_AUDIT_SECONDS:
-            return
-        await self.store.add_audit(
-            [
-                AuditRow(
-                    room_id=req.room_id,
-                    user_id=req.user_id,
-                    device_id=req.device_id,
-                    session_id=req.session_id,
-                    decision="ignore",
-                    reason=f"{why} (further drops from this device this minute are counted)",
-                    trigger="request",
-                    request_id=req.request_id,
-                )
-            ]
-        )
+        if recent:
+            return []
+        return [
+            AuditRow(
+                room_id=req.room_id,
+                user_id=req.user_id,
+                device_id=req.device_id,
+                session_id=req.session_id,
+                decision="ignore",
+                reason=f"{why} (further drops from this device this minute are counted)",
+                trigger="request",
+                request_id=req.request_id,
+            )
+        ]

@@ -122,7 +122,7 @@ def decide(
     elif who.admitted_via:
         pass
     else:
-        state = who.membership or "never joined"
+        state = who.membership or "not joined"
         return Withhold(protocol.UNAUTHORISED, f"{who.user_id} is not a member ({state})")
 
     if not who.device_known:

@@ -110,6 +110,7 @@ class TestUser:
         self.forwarded: list[dict[str, Any]] = []  # forwarded keys received
         self.withheld: list[dict[str, Any]] = []  # m.room_key.withheld received
         self.to_device_types: list[str] = []
+        self._sync_at = 0.0
 
     @classmethod
     async def create(
@@ -144,8 +145,9 @@ class TestUser:
         original = self.crypto._receive_forwarded_room_key
 
         async def receive_forwarded(evt: Any) -> None:
+            # "at": when the sync that carried it came back, before this client's own work
             self.forwarded.append(
-                {"sender": evt.sender, "session_id": evt.content.session_id, "at": time.time()}
+                {"sender": evt.sender, "session_id": evt.content.session_id, "at": self._sync_at}
             )
             await original(evt)
 
@@ -165,6 +167,7 @@ class TestUser:
         self._first_sync.set()
 
     async def _record_to_device(self, evt: dict[str, Any]) -> None:
+        self._sync_at = time.time()
         for raw in (evt["data"].get("to_device") or {}).get("events", []):
             self.to_device_types.append(raw.get("type"))
             if raw.get("type") in ("m.room_key.withheld", "org.matrix.room_key.withheld"):
