@@ -167,6 +167,7 @@ class Commands:
         missing = self._missing_sessions(room)
         since = int(time.time() * 1000) - DAY_MS
         decided = await bot.store.audit_counts(room, since)
+        answers = sorted(await bot.store.answer_times(room, since))
         policy = bot.room_policy(room)
         reply.facts(
             [
@@ -184,6 +185,14 @@ class Commands:
                     f"{counts.get('mixed_sessions', 0)} mixed, {len(missing)} the bot lacks",
                 ),
                 ("Pending pushes", str(await bot.store.pending_count(room))),
+                (
+                    "Answer time, 24 hours",
+                    f"p50 {answers[len(answers) // 2]} ms, p95 "
+                    f"{answers[min(len(answers) - 1, len(answers) * 95 // 100)]} ms "
+                    f"over {len(answers)} answer(s)"
+                    if answers
+                    else "no requests answered",
+                ),
                 (
                     "Last 24 hours",
                     f"{decided.get('share', 0)} shared, {decided.get('withhold', 0)} withheld, "

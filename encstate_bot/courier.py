@@ -696,6 +696,7 @@ class Courier:
             session_id=o.session_id,
             trigger=o.item.trigger,
             request_id=o.item.request_id,
+            waited_ms=int(time.time() * 1000) - o.item.enqueued if o.item.enqueued else None,
         )
         if isinstance(d, Share):
             return AuditRow(

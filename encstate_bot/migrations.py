@@ -124,3 +124,8 @@ async def upgrade_v2(conn: Connection) -> None:
             PRIMARY KEY (room_id, via)
         )"""
     )
+
+
+@upgrade_table.register(description="How long each answer waited in the queue")
+async def upgrade_v3(conn: Connection) -> None:
+    await conn.execute("ALTER TABLE encstate_audit ADD COLUMN waited_ms INTEGER")

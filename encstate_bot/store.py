@@ -41,6 +41,7 @@ class AuditRow:
     request_id: str | None = None
     ts: int = 0
     id: int | None = None
+    waited_ms: int | None = None  # from the request (or push) being queued to this decision
 
 
 @dataclass(frozen=True)
@@ -245,8 +246,8 @@ class Store:
 
     _AUDIT_INSERT = (
         "INSERT INTO encstate_audit (ts, room_id, user_id, device_id, session_id, decision, "
-        "code, msg_index, reason, trigger, exposed, request_id) "
-        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+        "code, msg_index, reason, trigger, exposed, request_id, waited_ms) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
     )
 
     @staticmethod
@@ -266,6 +267,7 @@ class Store:
                 row.trigger,
                 json.dumps(list(row.exposed)) if row.exposed else None,
                 row.request_id,
+                row.waited_ms,
             )
             for row in rows
         ]
@@ -295,7 +297,7 @@ class Store:
         args.append(limit)
         rows = await self.db.fetch(
             "SELECT id, ts, room_id, user_id, device_id, session_id, decision, code, msg_index, "
-            f"reason, trigger, exposed, request_id FROM encstate_audit WHERE "
+            f"reason, trigger, exposed, request_id, waited_ms FROM encstate_audit WHERE "
             f"{' AND '.join(conditions)} ORDER BY id DESC LIMIT ${len(args)}",
             *args,
         )
@@ -314,9 +316,20 @@ class Store:
                 trigger=r["trigger"],
                 exposed=tuple(json.loads(r["exposed"])) if r["exposed"] else (),
                 request_id=r["request_id"],
+                waited_ms=r["waited_ms"],
             )
             for r in rows
         ]
+
+    async def answer_times(self, room_id: str | None, since_ms: int) -> list[int]:
+        """How long answers to key requests waited, in ms, since a time."""
+        args: list[Any] = [since_ms]
+        where = "trigger='request' AND waited_ms IS NOT NULL AND ts >= $1"
+        if room_id is not None:
+            args.append(room_id)
+            where += " AND room_id=$2"
+        rows = await self.db.fetch(f"SELECT waited_ms FROM encstate_audit WHERE {where}", *args)
+        return [r["waited_ms"] for r in rows]
 
     async def audit_counts(self, room_id: str, since_ms: int) -> dict[str, int]:
         rows = await self.db.fetch(
