@@ -23,8 +23,16 @@ from harness.synapse import Synapse
 
 
 class InProcessBot:
-    def __init__(self, synapse: Synapse, http: ClientSession, workdir: str, name: str) -> None:
+    def __init__(
+        self,
+        synapse: Synapse,
+        http: ClientSession,
+        workdir: str,
+        name: str,
+        homeserver: str | None = None,
+    ) -> None:
         self.synapse = synapse
+        self.homeserver = homeserver or synapse.url
         self.http = http
         self.path = os.path.join(workdir, f"{name}.db")
         self.name = name
@@ -64,7 +72,7 @@ class InProcessBot:
         await crypto_store.open()
         client = MaubotMatrixClient(
             mxid=user_id,
-            base_url=self.synapse.url,
+            base_url=self.homeserver,
             token=token,
             client_session=self.http,
             loop=loop,

@@ -7,6 +7,7 @@ in the middle of a push), or fail calls (to exercise retries).
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 from aiohttp import ClientSession, ClientTimeout, web
@@ -48,6 +49,14 @@ class Fail(Rule):
         self.times = times
 
 
+class Rewrite(Rule):
+    """Pass matching calls through, then change the JSON answer with ``fn``."""
+
+    def __init__(self, pattern: str, method: str | None, fn) -> None:
+        super().__init__(pattern, method)
+        self.fn = fn
+
+
 class FaultProxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
@@ -86,6 +95,11 @@ class FaultProxy:
         self.rules.append(rule)
         return rule
 
+    def rewrite(self, pattern: str, fn, method: str | None = "GET") -> Rewrite:
+        rule = Rewrite(pattern, method, fn)
+        self.rules.append(rule)
+        return rule
+
     def clear(self) -> None:
         for rule in self.rules:
             if isinstance(rule, Hold):
@@ -119,6 +133,9 @@ class FaultProxy:
                     if request.transport is None or request.transport.is_closing():
                         rule.dropped.set()
                         return web.Response(status=499)
+        rewrite = next(
+            (r for r in self.rules if isinstance(r, Rewrite) and r.matches(request)), None
+        )
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         assert self._http is not None
@@ -130,6 +147,8 @@ class FaultProxy:
         ) as upstream:
             payload = await upstream.read()
             self.calls.append((request.method, request.path))
+            if rewrite is not None and upstream.status == 200:
+                payload = json.dumps(rewrite.fn(json.loads(payload))).encode()
             out_headers = {
                 k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS
             }
