@@ -52,6 +52,7 @@ MAX_PER_CALL = 250
 REQUEST_LANE = "request"
 PUSH_LANE = "push"
 PER_ROOM_ITEMS = 1000  # one busy room cannot take a whole batch
+WAVE_USERS = 1000  # users whose device keys are looked up together (bounds memory)
 BATCH_ITEMS = 2000
 # A join storm becomes a few batches, not one per join: when a push lane wakes to a short
 # queue it waits this long for more.
@@ -75,6 +76,15 @@ class RoomPolicy:
     share_with_invited: bool
     allow_mixed_shared_history: bool
     dry_run: bool
+
+
+@dataclass(frozen=True)
+class RoomContext:
+    room_id: str
+    facts: RoomFacts
+    policy: RoomPolicy
+    memberships: dict[str, str | None]
+    admitted: dict[str, str]
 
 
 @dataclass
@@ -205,31 +215,58 @@ class Courier:
 
     async def deliver(self, items: list[OutboxItem], dry_run: bool = False) -> list[Outcome]:
         """Decide and deliver a batch; returns what each (device, session) came to. With
-        ``dry_run`` (or the room's dry-run policy) it decides and records but sends nothing."""
+        ``dry_run`` (or the room's dry-run policy) it decides and records but sends nothing.
+
+        Each room's power and memberships are read once. Users then go in waves of
+        WAVE_USERS: the next wave's device keys are queried while this wave is delivered."""
         started = time.monotonic()
         outcomes: list[Outcome] = []
-        skipped: list[OutboxItem] = []
         by_room: dict[str, list[OutboxItem]] = defaultdict(list)
         for item in items:
             by_room[item.room_id].append(item)
-        devices = await self._devices({i.user_id for i in items})
-        delivered = await self.store.delivered({i.user_id for i in items})
-        source = self.tracker.session_source()
-        looked_up = time.monotonic()
+        contexts: dict[str, RoomContext] = {}
+        skipped: list[OutboxItem] = []
         for room_id, room_items in by_room.items():
             try:
-                outcomes += await self._decide_room(
-                    room_id, room_items, devices, delivered, source, dry_run
-                )
+                contexts[room_id] = await self._room_context(room_id, room_items)
             except (MatrixRequestError, MatrixConnectionError) as e:
                 self.log.warning(f"Could not read {room_id} for delivery, retrying later: {e}")
                 skipped += room_items
-        decided = time.monotonic()
-        await self._send(items, outcomes, skipped, source)
+        if skipped:
+            await self._send(skipped, [], skipped, self.tracker.session_source())
+        live = [i for i in items if i.room_id in contexts]
+        users = list(dict.fromkeys(i.user_id for i in live))
+        delivered = await self.store.delivered(users)
+        source = self.tracker.session_source()
+        waves = [users[i : i + WAVE_USERS] for i in range(0, len(users), WAVE_USERS)]
+        looked_up = time.monotonic()
+        next_devices = asyncio.create_task(self._devices(set(waves[0]))) if waves else None
+        try:
+            for index, wave in enumerate(waves):
+                assert next_devices is not None
+                devices = await next_devices
+                next_devices = (
+                    asyncio.create_task(self._devices(set(waves[index + 1])))
+                    if index + 1 < len(waves)
+                    else None
+                )
+                members = set(wave)
+                wave_items = [i for i in live if i.user_id in members]
+                wave_outcomes: list[Outcome] = []
+                for room_id, context in contexts.items():
+                    room_items = [i for i in wave_items if i.room_id == room_id]
+                    if room_items:
+                        wave_outcomes += await self._decide(
+                            context, room_items, devices, delivered, source, dry_run
+                        )
+                await self._send(wave_items, wave_outcomes, [], source)
+                outcomes += wave_outcomes
+        finally:
+            if next_devices is not None and not next_devices.done():
+                next_devices.cancel()
         self.log.debug(
-            f"Batch phases: devices {1000 * (looked_up - started):.0f} ms, decisions "
-            f"{1000 * (decided - looked_up):.0f} ms, delivery "
-            f"{1000 * (time.monotonic() - decided):.0f} ms"
+            f"Batch phases: rooms {1000 * (looked_up - started):.0f} ms, devices, decisions "
+            f"and delivery {1000 * (time.monotonic() - looked_up):.0f} ms in {len(waves)} wave(s)"
         )
         return outcomes
 
@@ -298,22 +335,28 @@ class Courier:
                 members.setdefault(evt.get("state_key"), "invite")
         return {user_id: members.get(user_id) for user_id in user_ids}
 
-    async def _decide_room(
+    async def _room_context(self, room_id: str, items: list[OutboxItem]) -> RoomContext:
+        """What the decisions in one room depend on, read fresh for this batch."""
+        invited = self.room_policy(room_id).share_with_invited
+        (facts, policy), memberships = await asyncio.gather(
+            self._room_facts(room_id),
+            self.memberships(room_id, {i.user_id for i in items}, invited),
+        )
+        admitted = await self._admissions(room_id, items, memberships, policy)
+        return RoomContext(room_id, facts, policy, memberships, admitted)
+
+    async def _decide(
         self,
-        room_id: str,
+        context: RoomContext,
         items: list[OutboxItem],
         devices: dict[str, dict[str, DeviceIdentity]],
         delivered: set[tuple[str, str, str, int]],
         source: SessionSource,
         dry_run: bool = False,
     ) -> list[Outcome]:
-        invited = self.room_policy(room_id).share_with_invited
-        (facts, policy), memberships = await asyncio.gather(
-            self._room_facts(room_id),
-            self.memberships(room_id, {i.user_id for i in items}, invited),
-        )
+        room_id, facts, policy = context.room_id, context.facts, context.policy
+        memberships, admitted = context.memberships, context.admitted
         ledger = self.tracker.ledgers.get(room_id)
-        admitted = await self._admissions(room_id, items, memberships, policy)
         held_cache: dict[str, tuple[Any, HeldSession | None]] = {}
         outcomes: list[Outcome] = []
         seen: set[tuple[str, str, str]] = set()
@@ -573,7 +616,8 @@ class Courier:
         try:
             claim(0)
             for index, group in enumerate(groups):
-                claim(index + 1)  # the homeserver works on the next claim meanwhile
+                claim(index + 1)  # the homeserver works on the next claims meanwhile
+                claim(index + 2)
                 sessions = {k: existing[k] for k in group if k in existing}
                 task = claims[index]
                 if task is not None:
