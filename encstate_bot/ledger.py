@@ -258,8 +258,15 @@ class RoomLedger:
         exposed: tuple[StateRecord, ...] = ()
         gaps: tuple[int, ...] = ()
         if safe_index is not None:
+            # A superseded event at a current event's index is the same ciphertext replayed:
+            # it reveals nothing the current value does not.
+            current_indices = set(indexed)
             exposed = tuple(
-                r for r in superseded if r.msg_index is not None and r.msg_index > safe_index
+                r
+                for r in superseded
+                if r.msg_index is not None
+                and r.msg_index > safe_index
+                and r.msg_index not in current_indices
             )
             known = set(message_indices) | {
                 r.msg_index for r in states if r.decrypted and r.msg_index is not None

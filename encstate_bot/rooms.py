@@ -127,11 +127,15 @@ class RoomView:
         return self.user_level(user_id) > self.users_default
 
     def empowered_users(self) -> list[str]:
-        users = {u for u in (self.power_levels or {}).get("users", {}) if isinstance(u, str)}
+        listed = (self.power_levels or {}).get("users")
+        users = {u for u in listed if isinstance(u, str)} if isinstance(listed, dict) else set()
         create = self._create_event()
         if create is not None and create.content.supports_creator_power:
             users.add(create.sender)
-            users.update(create.content.additional_creators or [])
+            extra = create.content.additional_creators
+            users.update(
+                u for u in (extra if isinstance(extra, list) else []) if isinstance(u, str)
+            )
         return sorted(u for u in users if self.empowered(u))
 
     @property
