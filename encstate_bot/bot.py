@@ -59,9 +59,13 @@ class EncStateBot(Plugin):
         self._sync_seen = False
         self.ready = asyncio.Event()
         self.store = Store(self.database)
-        self.room_rows: dict[str, RoomRow] = {r.room_id: r for r in await self.store.rooms()}
         self.tracker = Tracker(self.store, self.client.crypto, self.log, self._on_new_state)
-        await self.tracker.load()
+        try:
+            self.room_rows: dict[str, RoomRow] = {r.room_id: r for r in await self.store.rooms()}
+            await self.tracker.load()
+        except (OSError, ConnectionError) as e:
+            self.log.critical(f"encstate cannot read its database: {type(e).__name__}: {e}")
+            raise
         self.courier = Courier(
             self.client,
             self.store,

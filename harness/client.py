@@ -304,6 +304,38 @@ class TestUser:
         """Start a fresh megolm session for what this user sends next in the room."""
         await self.crypto.crypto_store.remove_outbound_group_session(RoomID(room_id))
 
+    async def share_flagged_session(self, room_id: str, shared_history: bool = True) -> str:
+        """Start a fresh megolm session and send its m.room_key to every member device with
+        the MSC3061 shared-history flag (mautrix does not set it); returns its ID."""
+        from mautrix.crypto.sessions import OutboundGroupSession
+
+        store = self.crypto.crypto_store
+        session = OutboundGroupSession(RoomID(room_id))
+        await self.crypto._create_group_session(
+            self.crypto.account.identity_key,
+            self.crypto.account.signing_key,
+            RoomID(room_id),
+            SessionID(session.id),
+            session.session_key,
+            max_age=session.max_age,
+            max_messages=session.max_messages,
+        )
+        content = {
+            "algorithm": MEGOLM,
+            "room_id": room_id,
+            "session_id": session.id,
+            "session_key": session.session_key,
+            "shared_history": shared_history,
+        }
+        for user_id in await self.joined_members(room_id):
+            devices = await self.crypto._fetch_keys([UserID(user_id)], include_untracked=True)
+            for device in devices.get(user_id, {}).values():
+                if device.device_id != self.device_id:
+                    await self.crypto.send_encrypted_to_device(device, EventType.ROOM_KEY, content)
+        session.shared = True
+        await store.add_outbound_group_session(session)
+        return session.id
+
     async def _outbound(self, room_id: str) -> Any:
         store = self.crypto.crypto_store
         session = await store.get_outbound_group_session(RoomID(room_id))
