@@ -65,6 +65,8 @@ MAX_BACKOFF_MS = 5 * 60 * 1000
 # explicit share are always answered.
 PUSH_TRIGGERS = frozenset({"join", "invite", "link"})
 
+WITHHELD_PER_DEVICE = 10
+
 WITHHELD_TYPES = (EventType.ROOM_KEY_WITHHELD, EventType.ORG_MATRIX_ROOM_KEY_WITHHELD)
 
 
@@ -97,6 +99,7 @@ class Outcome:
     decision: Decision
     device: DeviceIdentity | None = None
     sender_key: str | None = None
+    notified: bool = True  # for a withhold: whether the device was sent a withheld notice
 
 
 def rounds(messages: list[tuple[str, str, Any]]) -> list[list[tuple[str, str, Any]]]:
@@ -506,7 +509,7 @@ class Courier:
             if isinstance(o.decision, Withhold) and o.item.trigger == REQUEST_LANE
         ]
         if withholds:
-            failed_items |= await self._send_withheld(withholds)
+            await self._send_withheld(withholds)
         rest = [o for o in outcomes if id(o) not in recorded and o.item.id not in failed_items]
         done = [i.id for i in items if i.id is not None and i.id not in failed_items]
         await self.store.finish(done, [self._audit_row(o) for o in rest])
@@ -700,10 +703,20 @@ class Courier:
         sent, _, _, _ = await self.olm_send(plan, record)
         return len(sent), len({(d.user_id, d.device_id) for d, _ in sent})
 
-    async def _send_withheld(self, withholds: list[Outcome]) -> set[int]:
+    async def _send_withheld(self, withholds: list[Outcome]) -> None:
+        """Tell devices what they were refused, at most WITHHELD_PER_DEVICE notices per device
+        per batch (a device that floods the bot with requests must not turn it into an
+        amplifier, nor hold up everyone else's answers). Notices are best effort: a failed
+        send is logged, not retried."""
         messages = []
+        per_device: dict[tuple[str, str], int] = defaultdict(int)
         for o in withholds:
             assert isinstance(o.decision, Withhold)
+            key = (o.item.user_id, o.device_id)
+            per_device[key] += 1
+            if per_device[key] > WITHHELD_PER_DEVICE:
+                o.notified = False
+                continue
             content = {
                 "algorithm": EncryptionAlgorithm.MEGOLM_V1.value,
                 "room_id": o.item.room_id,
@@ -713,15 +726,12 @@ class Courier:
                 "reason": o.decision.reason,
             }
             messages.append((o.item.user_id, o.device_id, content))
-        failed: set[int] = set()
         for chunk in rounds(messages):
             for event_type in WITHHELD_TYPES:
                 try:
                     await self._send_chunk(event_type, chunk)
                 except (MatrixRequestError, MatrixConnectionError) as e:
                     self.log.warning(f"Sending {len(chunk)} withheld notice(s) failed: {e}")
-                    failed |= {o.item.id for o in withholds if o.item.id is not None}
-        return failed
 
     async def _send_chunk(self, event_type: EventType, chunk: list[tuple[str, str, Any]]) -> None:
         body: dict[str, dict[str, Any]] = defaultdict(dict)
@@ -747,7 +757,10 @@ class Courier:
                 decision="share", reason=d.reason, msg_index=d.index, exposed=d.exposed, **common
             )
         if isinstance(d, Withhold):
-            return AuditRow(decision="withhold", code=d.code, reason=d.reason, **common)
+            reason = d.reason
+            if not o.notified:
+                reason += f" (no notice sent: over {WITHHELD_PER_DEVICE} for this device at once)"
+            return AuditRow(decision="withhold", code=d.code, reason=reason, **common)
         return AuditRow(decision="ignore", reason=d.reason, **common)
 
     @staticmethod
