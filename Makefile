@@ -22,6 +22,8 @@ test: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+	# the integration suite again, every bot on PostgreSQL (skips, saying why, without one)
+	$(BIN)/python -m pytest tests/integration --bot-database=postgres -q
 
 unit: venv
 	$(BIN)/python -m pytest tests/unit tests/plugin

@@ -63,10 +63,16 @@ async def drop_postgres_database(url: str) -> None:
 
 
 class World:
-    def __init__(self, synapse: Synapse, http: ClientSession, workdir: str) -> None:
+    def __init__(
+        self, synapse: Synapse, http: ClientSession, workdir: str, databases: str = "sqlite"
+    ) -> None:
+        """``databases``: where bots keep their data unless a test says otherwise, "sqlite"
+        (a file per bot) or "postgres" (a fresh database per bot on the local server)."""
         self.synapse = synapse
         self.http = http
         self.workdir = workdir
+        self.databases = databases
+        self._postgres: list[str] = []
         self.users: list[TestUser] = []
         self.bots: list[BotProcess] = []
         self._dbs: list[Database] = []
@@ -99,6 +105,9 @@ class World:
         token, device_id = await loop.run_in_executor(None, self.synapse.login, user_id)
         workdir = os.path.join(self.workdir, user_id.split(":")[0].lstrip("@"))
         os.makedirs(workdir, exist_ok=True)
+        if database is None and self.databases == "postgres":
+            database = await create_postgres_database()
+            self._postgres.append(database)
         bot = BotProcess(
             self.synapse,
             user_id,
@@ -166,3 +175,5 @@ class World:
             await db.stop()
         for proxy in self._proxies:
             await proxy.close()
+        for url in self._postgres:
+            await drop_postgres_database(url)

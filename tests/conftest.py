@@ -17,6 +17,15 @@ from harness.world import (
 REQUIRE_POSTGRES = os.environ.get("ENCSTATE_REQUIRE_POSTGRES") == "1"
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--bot-database",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="where the bots of the integration tests keep their data (default sqlite)",
+    )
+
+
 @pytest.fixture(scope="session")
 def synapse():
     hs = Synapse()
@@ -26,9 +35,12 @@ def synapse():
 
 
 @pytest_asyncio.fixture
-async def world(synapse: Synapse, tmp_path):
+async def world(synapse: Synapse, tmp_path, request):
+    databases = request.config.getoption("--bot-database")
+    if databases == "postgres":
+        await drop_postgres_database(await postgres_url_or_skip())  # reachable, or skip/fail
     async with ClientSession() as http:
-        w = World(synapse, http, str(tmp_path))
+        w = World(synapse, http, str(tmp_path), databases)
         try:
             yield w
         finally:

@@ -16,13 +16,13 @@ from harness.world import World
 SEND_KEYS = r"/sendToDevice/m\.room\.encrypted/"
 
 
-async def test_a_push_completes_after_synapse_comes_back(tmp_path) -> None:
+async def test_a_push_completes_after_synapse_comes_back(tmp_path, request) -> None:
     # A homeserver of its own: this test stops it.
     synapse = Synapse()
     synapse.start()
     try:
         async with ClientSession() as http:
-            world = World(synapse, http, str(tmp_path))
+            world = World(synapse, http, str(tmp_path), request.config.getoption("--bot-database"))
             try:
                 await _push_across_a_restart(world, synapse)
             finally:
