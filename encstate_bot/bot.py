@@ -11,18 +11,19 @@ from maubot import Plugin
 from mautrix.api import Method, Path
 from mautrix.client import InternalEventType
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
-from mautrix.types import EventType, ToDeviceEvent
+from mautrix.types import CrossSigner, EventType, ToDeviceEvent
 from mautrix.util.async_db import UpgradeTable
 from mautrix.util.config import BaseProxyConfig
 
 from . import protocol
+from .bundles import Bundles
 from .commands import Commands
 from .config import Config
 from .courier import Courier, RoomPolicy
 from .keyrequests import KeyRequests
 from .migrations import upgrade_table
 from .policy import Mode
-from .pushes import Pushes
+from .pushes import Pushes, membership_changes
 from .ratelimit import RequestGate
 from .render import Reply, short_id
 from .reseal import Resealer
@@ -108,6 +109,7 @@ class EncStateBot(Plugin):
             self._install_crypto_hooks()
             self.courier.start()
         self.resealer = Resealer(self)
+        self.bundles = Bundles(self)
         self.register_handler_class(Commands(self))
         self.client.add_event_handler(
             InternalEventType.SYNC_SUCCESSFUL, self._on_sync, wait_sync=True
@@ -251,6 +253,11 @@ class EncStateBot(Plugin):
         )
         if live:
             await self.pushes.on_members(room_id, timeline)
+            for user_id, membership in membership_changes(timeline):
+                if membership == "knock":
+                    self._spawn(
+                        self.bundles.on_knock(room_id, user_id), f"encstate-knock-{user_id}"
+                    )
         if not self.tracker.tracked(room_id):
             return links_changed
         await self.tracker.ingest(room_id, state + timeline)
@@ -276,6 +283,12 @@ class EncStateBot(Plugin):
     # Start-up rescan, backfill and gap filling -----------------------------------------------
 
     async def _startup(self) -> None:
+        if self.client.crypto is not None:
+            try:
+                await self.setup_cross_signing()
+                await self.courier.bulk.refresh_own_device_keys()
+            except Exception:
+                self.log.exception("Could not set up cross-signing")
         try:
             await self.rescan()
         except Exception:
@@ -288,6 +301,49 @@ class EncStateBot(Plugin):
                 except Exception:
                     self.log.exception("Self-supply round failed")
                 await asyncio.sleep(SELF_SUPPLY_TICK)
+
+    async def setup_cross_signing(self) -> None:
+        """Make the bot's device cross-signed: Element takes room key bundles only from such
+        devices."""
+        crypto = self.client.crypto
+        if not crypto.account.shared:
+            await crypto.share_keys()
+        recovery_key = self.config["cross_signing.recovery_key"]
+        if recovery_key:
+            await crypto.verify_with_recovery_key(recovery_key.strip())
+            self.log.info("Signed this device with the configured cross-signing recovery key")
+            return
+        if await crypto.get_own_cross_signing_public_keys() is not None:
+            if await self._device_cross_signed():
+                self.log.info("This device is cross-signed")
+            else:
+                self.log.warning(
+                    "The account has a cross-signing identity but this device is not signed: "
+                    "set cross_signing.recovery_key so the bot can sign it (Element users will "
+                    "not accept its room key bundles until then)"
+                )
+            return
+        if not self.config["cross_signing.bootstrap"]:
+            self.log.info(
+                "The account has no cross-signing identity; set cross_signing.bootstrap to "
+                "create one (needed to reach Element users with room key bundles)"
+            )
+            return
+        recovery_key = await crypto.generate_recovery_key()
+        self.log.warning(
+            "Created a cross-signing identity for the bot and signed this device. Store this "
+            f"recovery key and put it in the config as cross_signing.recovery_key: {recovery_key}"
+        )
+
+    async def _device_cross_signed(self) -> bool:
+        crypto = self.client.crypto
+        keys = await crypto.get_own_cross_signing_public_keys()
+        if keys is None or not keys.self_signing_key:
+            return False
+        return await crypto.crypto_store.is_key_signed_by(
+            target=CrossSigner(self.client.mxid, crypto.account.signing_key),
+            signer=CrossSigner(self.client.mxid, keys.self_signing_key),
+        )
 
     async def rescan(self) -> None:
         """Read every joined room's current state again (maubot ignores the first sync after a

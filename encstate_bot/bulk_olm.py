@@ -60,6 +60,24 @@ class BulkOlm:
     def __init__(self, client: Any, log: logging.Logger) -> None:
         self.client = client
         self.log = log
+        # The bot's own device keys as the homeserver serves them (with the cross-signing
+        # signature once there is one), sent in every Olm message as MSC4147 asks.
+        self.own_device_keys: dict[str, Any] | None = None
+
+    async def refresh_own_device_keys(self) -> dict[str, Any] | None:
+        me, device_id = self.client.mxid, self.client.device_id
+        resp = await self.client.api.request(
+            Method.POST, Path.v3.keys.query, {"device_keys": {me: [device_id]}}
+        )
+        keys = ((resp.get("device_keys") or {}).get(me) or {}).get(device_id)
+        if isinstance(keys, dict) and verify_json(
+            keys, me, device_id, self.crypto.account.signing_key
+        ):
+            keys.pop("unsigned", None)
+            self.own_device_keys = keys
+        else:
+            self.log.warning("The homeserver does not serve this device's own keys")
+        return self.own_device_keys
 
     @property
     def crypto(self) -> Any:
@@ -262,6 +280,8 @@ class BulkOlm:
             "sender_device": self.client.device_id,
             "keys": {"ed25519": account.signing_key},
         }
+        if self.own_device_keys is not None:
+            sender["sender_device_keys"] = self.own_device_keys
         used: dict[str, Session] = {}
         out: list[dict[str, Any] | None] = []
         serialized: dict[int, Any] = {}  # the same content goes to many devices

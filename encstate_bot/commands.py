@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from maubot import MessageEvent
 from maubot.handlers import command
+from mautrix.errors import MatrixRequestError
 from mautrix.types import CrossSigner, EventID
 
 from .courier import Outcome
@@ -35,9 +36,10 @@ HELP = [
         "show or set this room's policy",
     ),
     ("state", "the room's current encrypted state as the bot decrypts it"),
+    ("invite @user", "invite someone and send them a room key bundle (for Element users)"),
     ("reseal [--dry-run]", "re-encrypt current state in fresh sessions where no index can seal"),
 ]
-CHANGING = {"share", "policy", "reseal"}
+CHANGING = {"share", "policy", "reseal", "invite"}
 
 
 class UsageError(ValueError):
@@ -509,6 +511,31 @@ class Commands:
     async def reseal(self, evt: MessageEvent, args: list[str]) -> None:
         await self.bot.resealer.command(self, evt, args)
 
+    async def invite(self, evt: MessageEvent, args: list[str]) -> None:
+        if not args or not (args[0].startswith("@") and ":" in args[0]):
+            raise UsageError("invite needs a user ID")
+        user_id = args[0]
+        try:
+            report = await self.bot.bundles.invite(evt.room_id, user_id)
+        except MatrixRequestError as e:
+            await self.reply(evt, Reply().line(f"Could not invite {user_id}: {e.message}"))
+            return
+        reply = Reply(f"Invited {user_id}")
+        if report is None:
+            reply.line("Room key bundles are off (send_bundles); forwarded keys are queued.")
+        else:
+            reply.facts(
+                [
+                    (
+                        "Room key bundle",
+                        f"{report.room_keys} session(s), {report.withheld} withheld",
+                    ),
+                    ("Sent to", f"{report.devices} cross-signed device(s)"),
+                    ("Not sent to", f"{report.skipped_devices} device(s) not cross-signed"),
+                ]
+            )
+        await self.reply(evt, reply)
+
     HANDLERS: dict[str, Callable[[Commands, MessageEvent, list[str]], Awaitable[None]]] = {
         "help": help,
         "status": status,
@@ -519,6 +546,7 @@ class Commands:
         "policy": policy,
         "share": share,
         "reseal": reseal,
+        "invite": invite,
     }
 
 

@@ -28,6 +28,10 @@ KEYS = (
     "self_supply.retry_seconds",
     "backfill_limit",
     "audit_room",
+    "cross_signing.recovery_key",
+    "cross_signing.bootstrap",
+    "send_bundles",
+    "approve_knocks",
 )
 
 
@@ -95,6 +99,9 @@ class Config(BaseProxyConfig):
             "allow_mixed_shared_history",
             "dry_run",
             "self_supply.enabled",
+            "cross_signing.bootstrap",
+            "send_bundles",
+            "approve_knocks",
         ):
             _need(isinstance(self[key], bool), key, "true or false", self[key])
         for key in (
@@ -122,6 +129,13 @@ class Config(BaseProxyConfig):
                 "a number >= 0",
                 value,
             )
+        recovery_key = self["cross_signing.recovery_key"]
+        _need(
+            recovery_key is None or (isinstance(recovery_key, str) and recovery_key.strip()),
+            "cross_signing.recovery_key",
+            "null or the recovery key text",
+            "(hidden)" if isinstance(recovery_key, str) else recovery_key,
+        )
         audit_room = self["audit_room"]
         _need(
             audit_room is None or (isinstance(audit_room, str) and audit_room.startswith("!")),

@@ -63,7 +63,9 @@ MAX_BACKOFF_MS = 5 * 60 * 1000
 
 # Unasked pushes: never the same (device, session, index) twice. Requests and an admin's
 # explicit share are always answered.
-PUSH_TRIGGERS = frozenset({"join", "invite", "link"})
+PUSH_TRIGGERS = frozenset({"join", "invite", "link", "bot-invite"})
+# Users the bot invited itself get what a member gets while their invite stands.
+BOT_INVITE = "bot-invite"
 
 WITHHELD_PER_DEVICE = 10
 
@@ -340,7 +342,9 @@ class Courier:
 
     async def _room_context(self, room_id: str, items: list[OutboxItem]) -> RoomContext:
         """What the decisions in one room depend on, read fresh for this batch."""
-        invited = self.room_policy(room_id).share_with_invited
+        invited = self.room_policy(room_id).share_with_invited or any(
+            i.trigger == BOT_INVITE for i in items
+        )
         (facts, policy), memberships = await asyncio.gather(
             self._room_facts(room_id),
             self.memberships(room_id, {i.user_id for i in items}, invited),
@@ -395,6 +399,8 @@ class Courier:
                     )
                     if item.user_id in admitted:
                         who = evolve(who, admitted_via=admitted[item.user_id])
+                    if item.trigger == BOT_INVITE:
+                        who = evolve(who, invited_by_bot=True)
                     decision = decide(facts, who, session, held)
                     if (
                         isinstance(decision, Share)

@@ -63,6 +63,8 @@ class Requester:
     membership: str | None
     # a room whose membership a restricted join rule of this room admits the user through
     admitted_via: str | None = None
+    # the bot itself invited them (an admin's `!encstate invite`, or an approved knock)
+    invited_by_bot: bool = False
     device_known: bool = True
     blacklisted: bool = False
     cross_signed: bool = False
@@ -117,7 +119,7 @@ def decide(
 
     if who.membership == "join":
         pass
-    elif who.membership == "invite" and room.share_with_invited:
+    elif who.membership == "invite" and (room.share_with_invited or who.invited_by_bot):
         pass
     elif who.admitted_via:
         pass

@@ -113,6 +113,10 @@ class RoomView:
             return self.users_default
 
     @property
+    def invite_level(self) -> int:
+        return _as_int(self._levels().invite, 0)
+
+    @property
     def state_default(self) -> int:
         return _as_int(self._levels().state_default, 50)
 

@@ -1,0 +1,121 @@
+// Element's client engine as a test peer: matrix-js-sdk with its Rust crypto, headless in Node.
+//
+//   node peer.mjs <homeserver> <user id> <password>
+//
+// Logs in a fresh device, bootstraps cross-signing, starts syncing with encrypted state events
+// enabled, prints {"ready": true, ...} and then answers one JSON command per stdin line with one
+// JSON line on stdout: {"id", "cmd": "join"|"knock"|"room"|"wait_name"|"stop", "room", ...}.
+import * as sdk from "matrix-js-sdk";
+import { logger } from "matrix-js-sdk/lib/logger.js";
+import { createInterface } from "node:readline";
+
+// stdout carries the protocol only: everything the libraries print goes to stderr.
+for (const method of ["log", "info", "warn", "debug", "trace"]) console[method] = console.error;
+
+const [baseUrl, userId, password] = process.argv.slice(2);
+const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
+const debug = process.env.ENCSTATE_JS_DEBUG === "1";
+for (const level of ["trace", "debug", "info", "log"]) {
+    logger[level] = debug ? (...args) => console.error(...args) : () => {};
+}
+
+const login = await (
+    await fetch(`${baseUrl}/_matrix/client/v3/login`, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({
+            type: "m.login.password",
+            identifier: { type: "m.id.user", user: userId },
+            password,
+        }),
+    })
+).json();
+
+const client = sdk.createClient({
+    baseUrl,
+    userId,
+    accessToken: login.access_token,
+    deviceId: login.device_id,
+    enableEncryptedStateEvents: true,
+});
+await client.initRustCrypto({ useIndexedDB: false });
+await client.getCrypto().bootstrapCrossSigning({
+    authUploadDeviceSigningKeys: async (makeRequest) => {
+        await makeRequest({
+            type: "m.login.password",
+            identifier: { type: "m.id.user", user: userId },
+            password,
+        });
+    },
+});
+
+const prepared = new Promise((resolve) => {
+    client.on(sdk.ClientEvent.Sync, (state) => {
+        if (state === "PREPARED") resolve();
+    });
+});
+await client.startClient({ initialSyncLimit: 20 });
+await prepared;
+out({ ready: true, userId, deviceId: login.device_id });
+
+function describe(roomId) {
+    const room = client.getRoom(roomId);
+    if (!room) return { known: false };
+    const nameEvent = room.currentState.getStateEvents("m.room.name", "");
+    const encrypted = room.currentState.getStateEvents("m.room.encrypted") ?? [];
+    return {
+        known: true,
+        membership: room.getMyMembership(),
+        name: room.name,
+        nameState: nameEvent ? nameEvent.getContent().name ?? null : null,
+        encryptedState: encrypted.map((e) => ({
+            key: e.getStateKey(),
+            decrypted: !e.isDecryptionFailure() && e.getClearContent() !== null,
+        })),
+    };
+}
+
+async function handle(cmd) {
+    switch (cmd.cmd) {
+        case "join":
+            await client.joinRoom(cmd.room);
+            return describe(cmd.room);
+        case "knock":
+            await client.knockRoom(cmd.room);
+            return {};
+        case "room":
+            return describe(cmd.room);
+        case "wait_name": {
+            const deadline = Date.now() + (cmd.timeout ?? 30) * 1000;
+            for (;;) {
+                const state = describe(cmd.room);
+                if (state.nameState === cmd.name || Date.now() > deadline) return state;
+                await new Promise((r) => setTimeout(r, 200));
+            }
+        }
+        case "wait_invite": {
+            const deadline = Date.now() + (cmd.timeout ?? 30) * 1000;
+            for (;;) {
+                const state = describe(cmd.room);
+                if (state.membership === "invite" || Date.now() > deadline) return state;
+                await new Promise((r) => setTimeout(r, 200));
+            }
+        }
+        case "stop":
+            client.stopClient();
+            setTimeout(() => process.exit(0), 100);
+            return {};
+        default:
+            throw new Error(`unknown command ${cmd.cmd}`);
+    }
+}
+
+for await (const line of createInterface({ input: process.stdin })) {
+    if (!line.trim()) continue;
+    const cmd = JSON.parse(line);
+    try {
+        out({ id: cmd.id, ok: true, result: await handle(cmd) });
+    } catch (e) {
+        out({ id: cmd.id, ok: false, error: String(e?.stack ?? e) });
+    }
+}
