@@ -152,6 +152,16 @@ class TestUser:
             await original(evt)
 
         self.crypto._receive_forwarded_room_key = receive_forwarded
+        # Every Olm plaintext this device decrypts, as JSON, to check what senders put in it.
+        self.olm_plaintexts: list[dict[str, Any]] = []
+        decrypt_ciphertext = self.crypto._decrypt_olm_ciphertext
+
+        async def record_plaintext(sender: Any, sender_key: Any, message: Any) -> str:
+            plaintext = await decrypt_ciphertext(sender, sender_key, message)
+            self.olm_plaintexts.append({**json.loads(plaintext), "_sender_key": sender_key})
+            return plaintext
+
+        self.crypto._decrypt_olm_ciphertext = record_plaintext
         self.client.add_event_handler(
             InternalEventType.SYNC_SUCCESSFUL, self._record_to_device, wait_sync=True
         )
@@ -304,9 +314,12 @@ class TestUser:
         """Start a fresh megolm session for what this user sends next in the room."""
         await self.crypto.crypto_store.remove_outbound_group_session(RoomID(room_id))
 
-    async def share_flagged_session(self, room_id: str, shared_history: bool = True) -> str:
-        """Start a fresh megolm session and send its m.room_key to every member device with
-        the MSC3061 shared-history flag (mautrix does not set it); returns its ID."""
+    async def share_flagged_session(
+        self, room_id: str, shared_history: bool = True, recipients: list[str] | None = None
+    ) -> str:
+        """Start a fresh megolm session and send its m.room_key to every member device (or to
+        ``recipients`` only: [] keeps it private) with the MSC3061 shared-history flag (mautrix
+        does not set it); returns its ID."""
         from mautrix.crypto.sessions import OutboundGroupSession
 
         store = self.crypto.crypto_store
@@ -327,7 +340,8 @@ class TestUser:
             "session_key": session.session_key,
             "shared_history": shared_history,
         }
-        for user_id in await self.joined_members(room_id):
+        users = await self.joined_members(room_id) if recipients is None else recipients
+        for user_id in users:
             devices = await self.crypto._fetch_keys([UserID(user_id)], include_untracked=True)
             for device in devices.get(user_id, {}).values():
                 if device.device_id != self.device_id:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
 import asyncio
 import itertools
 import json
 import os
+from typing import Any
 
 from .synapse import Synapse
 
@@ -76,11 +76,19 @@ class JsPeer:
                 self.stderr.append(line.decode(errors="replace").rstrip())
 
     async def call(self, cmd: str, timeout: float = 60, **args: Any) -> Any:
+        """Run one command; ``timeout`` is how long Python waits for the answer (commands that
+        wait take their own ``seconds``)."""
         assert self.proc is not None and self.proc.stdin is not None
+        timeout = max(timeout, args.get("seconds", 0) + 15)
         request = {"id": next(self._ids), "cmd": cmd, **args}
         self.proc.stdin.write((json.dumps(request) + "\n").encode())
         await self.proc.stdin.drain()
-        reply = await asyncio.wait_for(self._read(), timeout)
+        try:
+            reply = await asyncio.wait_for(self._read(), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"js peer {cmd} took over {timeout}s:\n{self.log_tail(60)}"
+            ) from None
         if not reply.get("ok"):
             raise RuntimeError(f"js peer {cmd} failed: {reply.get('error')}")
         return reply["result"]

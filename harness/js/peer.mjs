@@ -86,7 +86,7 @@ async function handle(cmd) {
         case "room":
             return describe(cmd.room);
         case "wait_name": {
-            const deadline = Date.now() + (cmd.timeout ?? 30) * 1000;
+            const deadline = Date.now() + (cmd.seconds ?? 30) * 1000;
             for (;;) {
                 const state = describe(cmd.room);
                 if (state.nameState === cmd.name || Date.now() > deadline) return state;
@@ -94,7 +94,7 @@ async function handle(cmd) {
             }
         }
         case "wait_invite": {
-            const deadline = Date.now() + (cmd.timeout ?? 30) * 1000;
+            const deadline = Date.now() + (cmd.seconds ?? 30) * 1000;
             for (;;) {
                 const state = describe(cmd.room);
                 if (state.membership === "invite" || Date.now() > deadline) return state;

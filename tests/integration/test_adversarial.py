@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import re
 from typing import Any
 
 from harness.client import MEGOLM, eventually
@@ -279,17 +280,18 @@ async def test_a_member_cannot_launder_keys_through_the_bot(world) -> None:
     await admin.invite(room, mallory.user_id)
     await mallory.join(room)
     await admin.set_power(room, {mallory.user_id: 50})
-    await mallory.new_session(room)
-    secret = await mallory.send_message(room, "a message in Mallory's session")
-    # Mallory hands the bot her message session, unasked, and names it in fake state.
-    await mallory.forward_key_to(room, secret.session_id, bot.user_id, bot.device_id)
+    # A session the bot never received: Mallory encrypts a message with it, names it in fake
+    # state, then hands it to the bot unasked.
+    await mallory.share_flagged_session(room, shared_history=False, recipients=[])
+    secret = await mallory.send_message(room, "a message in a session only Mallory has")
     await mallory.put_state(
         room,
         "m.room.encrypted",
         "m.room.topic:",
         {"algorithm": MEGOLM, "session_id": secret.session_id, "ciphertext": secret.ciphertext},
     )
-    await bot.wait_for_log(f"Session {secret.session_id} in {room} arrived|{secret.session_id}")
+    await mallory.forward_key_to(room, secret.session_id, bot.user_id, bot.device_id)
+    await bot.wait_for_log(re.escape(f"Session {secret.session_id} in {room} arrived"))
     newcomer = await world.user("newcomer")
     await admin.invite(room, newcomer.user_id)
     await newcomer.join(room)

@@ -8,6 +8,7 @@ import time
 import uuid
 
 from aiohttp import ClientSession
+import pytest
 
 from bench.report import proc_rss_mb
 from harness.client import MEGOLM, eventually
@@ -17,6 +18,8 @@ LIMITS = {
     "per_device": {"burst": 200, "per_second": 20},
     "per_user": {"burst": 500, "per_second": 50},
 }
+
+pytestmark = pytest.mark.db_agnostic
 
 
 async def flood(http: ClientSession, url: str, token: str, bot, room: str, device: str, n: int):

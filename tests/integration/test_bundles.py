@@ -1,0 +1,157 @@
+"""Reaching Element users: room key bundles (MSC4268) from the bot as inviter, checked with
+Element's own client engine (matrix-js-sdk with its Rust crypto, headless in Node)."""
+
+from __future__ import annotations
+
+import json
+
+from mautrix.crypto.attachments import decrypt_attachment
+from mautrix.types import EncryptedFile
+import olm
+import pytest
+
+from harness import jspeer
+from harness.client import eventually
+
+BUNDLE = "io.element.msc4268.room_key_bundle"
+CROSS_SIGNED = {"cross_signing": {"bootstrap": True}, "push_on_join": False}
+
+pytestmark = pytest.mark.db_agnostic
+
+
+@pytest.fixture
+async def js(world, request):
+    problem = jspeer.available()
+    if problem:
+        pytest.skip(problem)
+    peers = []
+
+    async def make(name: str) -> jspeer.JsPeer:
+        peer = await jspeer.JsPeer(world.synapse, f"{name}-{request.node.name[-8:]}").start()
+        peers.append(peer)
+        return peer
+
+    yield make
+    for peer in peers:
+        await peer.stop()
+
+
+async def wait_message(world, bot, event_id: str) -> None:
+    store = await world.store(bot)
+
+    async def decrypted() -> bool:
+        return any(
+            m.event_id == event_id and m.status.value == "message"
+            for m in await store.load_messages()
+        )
+
+    await eventually(decrypted)
+
+
+async def named_room(world, bot, admin, **kwargs):
+    room = await world.room_with_bot(admin, bot, **kwargs)
+    await admin.set_power(room, {bot.user_id: 50})
+    await admin.new_session(room)
+    name = await admin.send_state(room, "m.room.name", "", {"name": "Nightingale"})
+    await world.wait_valid(bot, name.event_id)
+    await bot.wait_for_log("This device is cross-signed|Created a cross-signing identity")
+    return room, name
+
+
+async def test_an_element_user_invited_by_the_bot_reads_the_name(world, js) -> None:
+    bot = await world.bot(config=CROSS_SIGNED)
+    admin = await world.user("admin")
+    room, _ = await named_room(world, bot, admin)
+    # a topic whose session also carries a message: the bundle lists it as withheld, and the
+    # Rust crypto must still take the rest
+    await admin.new_session(room)
+    topic = await admin.send_state(room, "m.room.topic", "", {"topic": "plans"})
+    chat = await admin.send_message(room, "a message in the topic's session")
+    await world.wait_valid(bot, topic.event_id)
+    await wait_message(world, bot, chat.event_id)
+    peer = await js("element")
+    reply = await admin.command(room, f"!encstate invite {peer.user_id}", bot.user_id)
+    assert "1 session(s), 1 withheld" in reply and "1 cross-signed device(s)" in reply
+    await peer.call("wait_invite", room=room)
+    await peer.call("join", room=room)
+    state = await peer.call("wait_name", room=room, name="Nightingale", seconds=30)
+    assert state["name"] == "Nightingale", (state, peer.log_tail())
+
+
+async def test_an_element_user_whose_knock_the_bot_approves_reads_the_name(world, js) -> None:
+    bot = await world.bot(config={**CROSS_SIGNED, "approve_knocks": True})
+    admin = await world.user("admin")
+    room, _ = await named_room(world, bot, admin, join_rule={"join_rule": "knock"})
+    peer = await js("knocker")
+    await peer.call("knock", room=room)
+    invited = await peer.call("wait_invite", room=room, seconds=30)
+    assert invited["membership"] == "invite", peer.log_tail()
+    await peer.call("join", room=room)
+    state = await peer.call("wait_name", room=room, name="Nightingale", seconds=30)
+    assert state["name"] == "Nightingale", (state, peer.log_tail())
+
+
+async def test_without_the_bundle_the_name_stays_encrypted(world, js) -> None:
+    bot = await world.bot(config=CROSS_SIGNED)
+    admin = await world.user("admin")
+    room, _ = await named_room(world, bot, admin)
+    peer = await js("control")
+    await admin.invite(room, peer.user_id)  # the admin invites: no bundle from the bot
+    await peer.call("wait_invite", room=room)
+    await peer.call("join", room=room)
+    state = await peer.call("wait_name", room=room, name="Nightingale", seconds=8)
+    assert state["nameState"] is None and state["name"] != "Nightingale", state
+
+
+async def test_the_bundle_withholds_mixed_sessions_and_every_message_carries_device_keys(
+    world,
+) -> None:
+    bot = await world.bot(config=CROSS_SIGNED)
+    admin = await world.user("admin")
+    room, name = await named_room(world, bot, admin)
+    await admin.new_session(room)
+    topic = await admin.send_state(room, "m.room.topic", "", {"topic": "plans"})
+    chat = await admin.send_message(room, "and a message in the topic's session")
+    await world.wait_valid(bot, topic.event_id)
+    await wait_message(world, bot, chat.event_id)
+
+    invitee = await world.user("invitee")
+    await invitee.crypto.generate_recovery_key()  # bundles go to cross-signed devices only
+    await admin.command(room, f"!encstate invite {invitee.user_id}", bot.user_id)
+
+    def bundle() -> dict | None:
+        for plaintext in invitee.olm_plaintexts:
+            if plaintext.get("type") == BUNDLE and plaintext.get("sender") == bot.user_id:
+                return plaintext
+        return None
+
+    pointer = await eventually(bundle)
+    file = EncryptedFile.deserialize(pointer["content"]["file"])
+    ciphertext = await invitee.client.download_media(file.url)
+    contents = json.loads(
+        decrypt_attachment(ciphertext, file.key.key, file.hashes["sha256"], file.iv)
+    )
+    assert [k["session_id"] for k in contents["room_keys"]] == [name.session_id]
+    assert [w["session_id"] for w in contents["withheld"]] == [topic.session_id]
+    assert "messages" in contents["withheld"][0]["reason"]
+    exported = olm.InboundGroupSession.import_session(contents["room_keys"][0]["session_key"])
+    assert json.loads(exported.decrypt(name.ciphertext)[0])["content"] == {"name": "Nightingale"}
+
+    # The invite also queued forwarded keys; reseal-style room keys and withheld notices aside,
+    # every Olm message from the bot carries its device keys, self-signed and cross-signed.
+    await invitee.join(room)
+    await eventually(lambda: invitee.has_session(room, name.session_id))
+    from_bot = [p for p in invitee.olm_plaintexts if p.get("sender") == bot.user_id]
+    assert {p["type"] for p in from_bot} >= {BUNDLE, "m.room_key_bundle", "m.forwarded_room_key"}
+    for plaintext in from_bot:
+        keys = plaintext["sender_device_keys"]
+        assert keys["user_id"] == bot.user_id and keys["device_id"] == bot.device_id
+        assert keys["keys"][f"ed25519:{bot.device_id}"] == plaintext["keys"]["ed25519"]
+        assert keys["keys"][f"curve25519:{bot.device_id}"] == plaintext["_sender_key"]
+        signatures = keys["signatures"][bot.user_id]
+        unsigned = {k: v for k, v in keys.items() if k not in ("signatures", "unsigned")}
+        canonical = json.dumps(unsigned, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        olm.ed25519_verify(
+            plaintext["keys"]["ed25519"], canonical, signatures[f"ed25519:{bot.device_id}"]
+        )
+        assert len(signatures) == 2, "no cross-signing signature"
