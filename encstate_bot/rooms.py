@@ -59,6 +59,12 @@ class RoomView:
     # Questions ----------------------------------------------------------------------------------
 
     @property
+    def known(self) -> bool:
+        """Whether the room's power levels (or its create event) have been seen: until then
+        nobody's power can be judged."""
+        return self.power_levels is not None or self.create is not None
+
+    @property
     def state_flag(self) -> str | None:
         if self.encryption is None or self.encryption.get("algorithm") != (
             protocol.MEGOLM_ALGORITHM
@@ -109,7 +115,7 @@ class RoomView:
             return LEGACY_CREATOR_LEVEL if create.sender == user_id else 0
         try:
             return int(self._levels().get_user_level(user_id, create))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return self.users_default
 
     @property
@@ -124,7 +130,7 @@ class RoomView:
         levels = self._levels()
         try:
             return int(levels.events.get(event_type, levels.state_default))
-        except (TypeError, ValueError, AttributeError):
+        except (TypeError, ValueError, AttributeError, OverflowError):
             return 50
 
     def empowered(self, user_id: str) -> bool:
@@ -154,5 +160,5 @@ class RoomView:
 def _as_int(value: Any, default: int) -> int:
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return default

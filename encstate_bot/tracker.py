@@ -246,6 +246,15 @@ class Tracker:
                 message_payload="state_key" not in payload,
             )
         view = self.view(rec.room_id)
+        if not view.known:
+            # e.g. a sync processed before the start-up rescan read the room's state: judge
+            # the sender's power once it is known (the rescan settles pending records again)
+            return evolve(
+                rec,
+                status=Status.PENDING,
+                reason="waiting for the room's power levels",
+                msg_index=result.index,
+            )
         needed = view.state_level(checked.event_type)
         have = view.user_level(rec.sender)
         if have < needed:
