@@ -83,6 +83,19 @@ class World:
         self.users.append(user)
         return user
 
+    async def set_name(self, admin: TestUser, bot: BotProcess, room_id: str, name: str) -> Any:
+        """Encrypt the room name, and wait until the bot has it as valid state."""
+        sent = await admin.send_state(room_id, "m.room.name", "", {"name": name})
+        await self.wait_valid(bot, sent.event_id)
+        return sent
+
+    async def member(self, name: str, inviter: TestUser, room_id: str) -> TestUser:
+        """A new user, invited by ``inviter`` and joined to the room."""
+        user = await self.user(name)
+        await inviter.invite(room_id, user.user_id)
+        await user.join(room_id)
+        return user
+
     async def second_device(self, user: TestUser) -> TestUser:
         """Another logged-in E2EE device of the same user."""
         device = await TestUser.create(self.synapse, user.localpart, self.http, register=False)

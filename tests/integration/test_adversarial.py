@@ -96,11 +96,8 @@ async def test_garbage_through_the_homeserver_leaves_the_bot_answering(world) ->
     admin = await world.user("admin")
     room = await world.room_with_bot(admin, bot)
     await admin.new_session(room)
-    name = await admin.send_state(room, "m.room.name", "", {"name": "Nightingale"})
-    await world.wait_valid(bot, name.event_id)
-    mallory = await world.user("mallory")
-    await admin.invite(room, mallory.user_id)
-    await mallory.join(room)
+    name = await world.set_name(admin, bot, room, "Nightingale")
+    mallory = await world.member("mallory", admin, room)
     await admin.set_power(room, {mallory.user_id: 50})  # a hostile moderator
     tried = 0
 
@@ -171,9 +168,7 @@ async def test_garbage_through_the_homeserver_leaves_the_bot_answering(world) ->
     assert f"State encryption is on in {odd}" not in bot.log_text()
 
     # The legitimate newcomer is still served, from the name's state-only session.
-    newcomer = await world.user("newcomer")
-    await admin.invite(room, newcomer.user_id)
-    await newcomer.join(room)
+    newcomer = await world.member("newcomer", admin, room)
     await newcomer.request_key(room, name.session_id, bot.user_id, [bot.device_id])
     await eventually(lambda: newcomer.has_session(room, name.session_id))
     assert (await newcomer.read_state(room)).get("m.room.name") == {"name": "Nightingale"}
@@ -199,9 +194,7 @@ async def test_mixed_sessions_need_the_flag_the_config_and_visible_history(world
         assert name.session_id == flagged
         await admin.send_message(room, "history everyone may read")
         await world.wait_valid(bot, name.event_id)
-        newcomer = await world.user("newcomer")
-        await admin.invite(room, newcomer.user_id)
-        await newcomer.join(room)
+        newcomer = await world.member("newcomer", admin, room)
         await newcomer.request_key(room, flagged, bot.user_id, [bot.device_id])
         await eventually(
             lambda n=newcomer, s=flagged: n.withheld_for(s) or n.has_session(room, s)  # noqa: B023
@@ -214,8 +207,7 @@ async def test_no_keys_for_those_who_left_or_were_banned(world) -> None:
     bot = await world.bot(config=NO_PUSH)
     admin = await world.user("admin")
     room = await world.room_with_bot(admin, bot)
-    name = await admin.send_state(room, "m.room.name", "", {"name": "Nightingale"})
-    await world.wait_valid(bot, name.event_id)
+    name = await world.set_name(admin, bot, room, "Nightingale")
     leaver, banned = await world.user("leaver"), await world.user("banned")
     for user in (leaver, banned):
         await admin.invite(room, user.user_id)
@@ -236,11 +228,8 @@ async def test_membership_is_checked_when_sending_not_when_asked(world) -> None:
     bot = await world.bot(config=NO_PUSH, homeserver=proxy.url)
     admin = await world.user("admin")
     room = await world.room_with_bot(admin, bot)
-    name = await admin.send_state(room, "m.room.name", "", {"name": "Nightingale"})
-    await world.wait_valid(bot, name.event_id)
-    quitter = await world.user("quitter")
-    await admin.invite(room, quitter.user_id)
-    await quitter.join(room)
+    name = await world.set_name(admin, bot, room, "Nightingale")
+    quitter = await world.member("quitter", admin, room)
     # The bot's membership check for this request is held until the user has left.
     hold = proxy.hold(r"/state/m\.room\.member/", method="GET")
     await quitter.request_key(room, name.session_id, bot.user_id, [bot.device_id])
@@ -256,8 +245,7 @@ async def test_a_ghost_device_gets_nothing_under_the_cross_signed_policy(world) 
     bot = await world.bot(config={"require_cross_signed": True})
     admin = await world.user("admin")
     room = await world.room_with_bot(admin, bot)
-    name = await admin.send_state(room, "m.room.name", "", {"name": "Nightingale"})
-    await world.wait_valid(bot, name.event_id)
+    name = await world.set_name(admin, bot, room, "Nightingale")
     carol = await world.user("carol")
     await carol.crypto.generate_recovery_key()  # cross-signs this device
     ghost = await world.second_device(carol)  # a device nobody signed
@@ -274,11 +262,8 @@ async def test_a_member_cannot_launder_keys_through_the_bot(world) -> None:
     bot = await world.bot(config=NO_PUSH)
     admin = await world.user("admin")
     room = await world.room_with_bot(admin, bot)
-    name = await admin.send_state(room, "m.room.name", "", {"name": "Nightingale"})
-    await world.wait_valid(bot, name.event_id)
-    mallory = await world.user("mallory")
-    await admin.invite(room, mallory.user_id)
-    await mallory.join(room)
+    await world.set_name(admin, bot, room, "Nightingale")
+    mallory = await world.member("mallory", admin, room)
     await admin.set_power(room, {mallory.user_id: 50})
     # A session the bot never received: Mallory encrypts a message with it, names it in fake
     # state, then hands it to the bot unasked.
@@ -292,9 +277,7 @@ async def test_a_member_cannot_launder_keys_through_the_bot(world) -> None:
     )
     await mallory.forward_key_to(room, secret.session_id, bot.user_id, bot.device_id)
     await bot.wait_for_log(re.escape(f"Session {secret.session_id} in {room} arrived"))
-    newcomer = await world.user("newcomer")
-    await admin.invite(room, newcomer.user_id)
-    await newcomer.join(room)
+    newcomer = await world.member("newcomer", admin, room)
     await newcomer.request_key(room, secret.session_id, bot.user_id, [bot.device_id])
     await eventually(lambda: newcomer.withheld_for(secret.session_id))
     assert newcomer.withheld_for(secret.session_id)[0]["code"] == "m.unauthorised"

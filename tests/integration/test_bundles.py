@@ -52,8 +52,7 @@ async def named_room(world, bot, admin, **kwargs):
     room = await world.room_with_bot(admin, bot, **kwargs)
     await admin.set_power(room, {bot.user_id: 50})
     await admin.new_session(room)
-    name = await admin.send_state(room, "m.room.name", "", {"name": "Nightingale"})
-    await world.wait_valid(bot, name.event_id)
+    name = await world.set_name(admin, bot, room, "Nightingale")
     await bot.wait_for_log("This device is cross-signed|Created a cross-signing identity")
     return room, name
 

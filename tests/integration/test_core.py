@@ -13,12 +13,9 @@ async def test_newcomer_asks_for_the_name_and_reads_it(world, bot_database) -> N
     bot = await world.bot(database=bot_database, config=NO_PUSH)
     admin = await world.user("admin")
     room = await world.room_with_bot(admin, bot)
-    name = await admin.send_state(room, "m.room.name", "", {"name": "Project Nightingale"})
-    await world.wait_valid(bot, name.event_id)
+    name = await world.set_name(admin, bot, room, "Project Nightingale")
 
-    newcomer = await world.user("newcomer")
-    await admin.invite(room, newcomer.user_id)
-    await newcomer.join(room)
+    newcomer = await world.member("newcomer", admin, room)
     assert (await newcomer.read_state(room)).undecryptable == ["m.room.name:"]
 
     # No sender_key: it is deprecated and today's clients omit it.
@@ -46,9 +43,7 @@ async def test_export_from_the_safe_index_seals_the_old_topic(world) -> None:
     assert (old.index, name.index, new.index) == (0, 1, 2)
     await world.wait_valid(bot, new.event_id)
 
-    newcomer = await world.user("newcomer")
-    await admin.invite(room, newcomer.user_id)
-    await newcomer.join(room)
+    newcomer = await world.member("newcomer", admin, room)
     await newcomer.request_key(room, name.session_id, bot.user_id, [bot.device_id])
     await eventually(lambda: newcomer.has_session(room, name.session_id))
 
@@ -72,9 +67,7 @@ async def test_exposure_no_index_can_avoid_is_shared_and_audited(world) -> None:
     new = await admin.send_state(room, "m.room.topic", "", {"topic": "new"})
     await world.wait_valid(bot, new.event_id)
 
-    newcomer = await world.user("newcomer")
-    await admin.invite(room, newcomer.user_id)
-    await newcomer.join(room)
+    newcomer = await world.member("newcomer", admin, room)
     await newcomer.request_key(room, name.session_id, bot.user_id, [bot.device_id])
     await eventually(lambda: newcomer.has_session(room, name.session_id))
     assert await newcomer.session_first_index(room, name.session_id) == 0
@@ -101,9 +94,7 @@ async def test_a_session_that_encrypted_messages_is_refused(world) -> None:
 
     await eventually(mixed)
 
-    newcomer = await world.user("newcomer")
-    await admin.invite(room, newcomer.user_id)
-    await newcomer.join(room)
+    newcomer = await world.member("newcomer", admin, room)
     await newcomer.request_key(room, name.session_id, bot.user_id, [bot.device_id])
     await eventually(lambda: newcomer.withheld_for(name.session_id))
     withheld = newcomer.withheld_for(name.session_id)[0]
@@ -117,8 +108,7 @@ async def test_a_non_member_is_refused(world) -> None:
     bot = await world.bot(config=NO_PUSH)
     admin = await world.user("admin")
     room = await world.room_with_bot(admin, bot)
-    name = await admin.send_state(room, "m.room.name", "", {"name": "Nightingale"})
-    await world.wait_valid(bot, name.event_id)
+    name = await world.set_name(admin, bot, room, "Nightingale")
 
     outsider = await world.user("outsider")
     await outsider.request_key(room, name.session_id, bot.user_id, [bot.device_id])
@@ -132,12 +122,9 @@ async def test_at_default_power_nothing_is_sent(world) -> None:
     bot = await world.bot()
     admin = await world.user("admin")
     room = await world.room_with_bot(admin, bot, bot_level=0)
-    name = await admin.send_state(room, "m.room.name", "", {"name": "Nightingale"})
-    await world.wait_valid(bot, name.event_id)
+    name = await world.set_name(admin, bot, room, "Nightingale")
 
-    newcomer = await world.user("newcomer")
-    await admin.invite(room, newcomer.user_id)
-    await newcomer.join(room)
+    newcomer = await world.member("newcomer", admin, room)
     await newcomer.request_key(room, name.session_id, bot.user_id, [bot.device_id])
 
     async def decided() -> list:
@@ -162,9 +149,7 @@ async def test_push_on_join_reaches_a_newcomer_who_never_asks(world) -> None:
     topic = await admin.send_state(room, "m.room.topic", "", {"topic": "birds"})
     await world.wait_valid(bot, topic.event_id)
 
-    newcomer = await world.user("newcomer")
-    await admin.invite(room, newcomer.user_id)
-    await newcomer.join(room)
+    newcomer = await world.member("newcomer", admin, room)
 
     async def readable() -> bool:
         state = await newcomer.read_state(room)
@@ -183,8 +168,7 @@ async def test_ledger_survives_a_restart_and_the_bot_still_answers(world, bot_da
     bot = await world.bot(database=bot_database, config=NO_PUSH)
     admin = await world.user("admin")
     room = await world.room_with_bot(admin, bot)
-    name = await admin.send_state(room, "m.room.name", "", {"name": "Nightingale"})
-    await world.wait_valid(bot, name.event_id)
+    name = await world.set_name(admin, bot, room, "Nightingale")
     store = await world.store(bot)
     before = sorted((r.event_id, r.status, r.msg_index) for r in await store.load_states())
 
@@ -201,9 +185,7 @@ async def test_ledger_survives_a_restart_and_the_bot_still_answers(world, bot_da
     after = sorted((r.event_id, r.status, r.msg_index) for r in await store.load_states())
     assert set(before) <= set(after)
 
-    newcomer = await world.user("newcomer")
-    await admin.invite(room, newcomer.user_id)
-    await newcomer.join(room)
+    newcomer = await world.member("newcomer", admin, room)
     for sent in (name, topic):
         await newcomer.request_key(room, sent.session_id, bot.user_id, [bot.device_id])
     await eventually(lambda: newcomer.has_session(room, topic.session_id))
@@ -226,9 +208,7 @@ async def test_self_supply_fetches_state_the_bot_cannot_decrypt(world) -> None:
     await world.wait_valid(bot, name.event_id)
     assert "m.room_key_request" in admin.to_device_types
 
-    newcomer = await world.user("newcomer")
-    await admin.invite(room, newcomer.user_id)
-    await newcomer.join(room)
+    newcomer = await world.member("newcomer", admin, room)
     await newcomer.request_key(room, name.session_id, bot.user_id, [bot.device_id])
     await eventually(lambda: newcomer.has_session(room, name.session_id))
     assert (await newcomer.read_state(room)).get("m.room.name") == {"name": "Nightingale"}
@@ -269,11 +249,8 @@ async def test_duplicate_requests_get_one_answer(world) -> None:
     bot = await world.bot(config=NO_PUSH)
     admin = await world.user("admin")
     room = await world.room_with_bot(admin, bot)
-    name = await admin.send_state(room, "m.room.name", "", {"name": "Nightingale"})
-    await world.wait_valid(bot, name.event_id)
-    newcomer = await world.user("newcomer")
-    await admin.invite(room, newcomer.user_id)
-    await newcomer.join(room)
+    name = await world.set_name(admin, bot, room, "Nightingale")
+    newcomer = await world.member("newcomer", admin, room)
     request_id = await newcomer.request_key(room, name.session_id, bot.user_id, [bot.device_id])
     await newcomer.request_key(
         room, name.session_id, bot.user_id, [bot.device_id], request_id=request_id
