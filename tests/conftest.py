@@ -73,6 +73,7 @@ async def bot_database(request, tmp_path):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
     if report.when == "call" and report.failed:
         world = item.funcargs.get("world")
         for bot in getattr(world, "bots", []):
