@@ -4,7 +4,8 @@
 //
 // Logs in a fresh device, bootstraps cross-signing, starts syncing with encrypted state events
 // enabled, prints {"ready": true, ...} and then answers one JSON command per stdin line with one
-// JSON line on stdout: {"id", "cmd": "join"|"knock"|"room"|"wait_invite"|"wait_name"|"stop", "room", ...}.
+// JSON line on stdout: {"id", "cmd": "join"|"knock"|"room"|"wait_invite"|"wait_name"|"reload"|"stop", "room", ...}.
+import "fake-indexeddb/auto";
 import * as sdk from "matrix-js-sdk";
 import { logger } from "matrix-js-sdk/lib/logger.js";
 import { createInterface } from "node:readline";
@@ -31,31 +32,37 @@ const login = await (
     })
 ).json();
 
-const client = sdk.createClient({
-    baseUrl,
-    userId,
-    accessToken: login.access_token,
-    deviceId: login.device_id,
-    enableEncryptedStateEvents: true,
-});
-await client.initRustCrypto({ useIndexedDB: false });
-await client.getCrypto().bootstrapCrossSigning({
-    authUploadDeviceSigningKeys: async (makeRequest) => {
-        await makeRequest({
-            type: "m.login.password",
-            identifier: { type: "m.id.user", user: userId },
-            password,
-        });
-    },
-});
-
-const prepared = new Promise((resolve) => {
-    client.on(sdk.ClientEvent.Sync, (state) => {
-        if (state === "PREPARED") resolve();
+// The crypto store lives in an in-process IndexedDB, so "reload" can start a second client on
+// the same device and store, as Element does when the page reloads.
+async function startClient() {
+    const c = sdk.createClient({
+        baseUrl,
+        userId,
+        accessToken: login.access_token,
+        deviceId: login.device_id,
+        enableEncryptedStateEvents: true,
     });
-});
-await client.startClient({ initialSyncLimit: 20 });
-await prepared;
+    await c.initRustCrypto({ useIndexedDB: true });
+    await c.getCrypto().bootstrapCrossSigning({
+        authUploadDeviceSigningKeys: async (makeRequest) => {
+            await makeRequest({
+                type: "m.login.password",
+                identifier: { type: "m.id.user", user: userId },
+                password,
+            });
+        },
+    });
+    const prepared = new Promise((resolve) => {
+        c.on(sdk.ClientEvent.Sync, (state) => {
+            if (state === "PREPARED") resolve();
+        });
+    });
+    await c.startClient({ initialSyncLimit: 20 });
+    await prepared;
+    return c;
+}
+
+let client = await startClient();
 out({ ready: true, userId, deviceId: login.device_id });
 
 function describe(roomId) {
@@ -109,15 +116,16 @@ async function handle(cmd) {
         case "room":
             return describe(cmd.room);
         case "wait_name": {
-            // until the name reads as cmd.name, in the live room state or (see freshName) on
-            // decrypting the stored event again; says which
+            // until the name reads as cmd.name, in the live room state or (see freshName, unless
+            // cmd.live) on decrypting the stored event again; says which
             const deadline = Date.now() + (cmd.seconds ?? 30) * 1000;
             for (;;) {
                 const state = describe(cmd.room);
                 if (state.known && state.nameState === cmd.name) {
                     return { ...state, readableName: state.nameState, readIn: "room state" };
                 }
-                const fresh = state.known ? await freshName(cmd.room) : { name: null };
+                const fresh =
+                    state.known && !cmd.live ? await freshName(cmd.room) : { name: null };
                 if (fresh.name === cmd.name || Date.now() > deadline) {
                     return { ...state, readableName: fresh.name, readIn: "fresh decryption", fresh };
                 }
@@ -132,6 +140,10 @@ async function handle(cmd) {
                 await new Promise((r) => setTimeout(r, 200));
             }
         }
+        case "reload":
+            client.stopClient();
+            client = await startClient();
+            return describe(cmd.room);
         case "stop":
             client.stopClient();
             setTimeout(() => process.exit(0), 100);

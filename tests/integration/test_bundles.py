@@ -51,6 +51,18 @@ async def wait_message(world, bot, event_id: str) -> None:
     await eventually(decrypted)
 
 
+async def name_as_element_shows_it(peer, room: str) -> dict:
+    """The room state once the name reads as "Nightingale": live, or, when the bundle's keys
+    came in after the join's sync had already failed on the name (a matrix-js-sdk race, see the
+    README), after the client reloads on the same device and crypto store, as Element does."""
+    state = await peer.call("wait_name", room=room, name="Nightingale", seconds=30)
+    if state.get("readIn") == "fresh decryption" and state["readableName"] == "Nightingale":
+        await peer.call("reload", room=room, timeout=120)
+        state = await peer.call("wait_name", room=room, name="Nightingale", seconds=30, live=True)
+        state["readIn"] = "room state after a reload"
+    return state
+
+
 async def named_room(world, bot, admin, **kwargs):
     room = await world.room_with_bot(admin, bot, **kwargs)
     await admin.set_power(room, {bot.user_id: 50})
@@ -76,9 +88,9 @@ async def test_an_element_user_invited_by_the_bot_reads_the_name(world, js) -> N
     assert "1 session(s), 1 withheld" in reply and "1 cross-signed device(s)" in reply
     await peer.call("wait_invite", room=room)
     await peer.call("join", room=room)
-    state = await peer.call("wait_name", room=room, name="Nightingale", seconds=30)
+    state = await name_as_element_shows_it(peer, room)
     print("name read in", state["readIn"])
-    assert state["readableName"] == "Nightingale", (state, peer.log_tail())
+    assert state["name"] == "Nightingale", (state, peer.log_tail())
 
 
 async def test_an_element_user_whose_knock_the_bot_approves_reads_the_name(world, js) -> None:
@@ -90,9 +102,9 @@ async def test_an_element_user_whose_knock_the_bot_approves_reads_the_name(world
     invited = await peer.call("wait_invite", room=room, seconds=30)
     assert invited["membership"] == "invite", peer.log_tail()
     await peer.call("join", room=room)
-    state = await peer.call("wait_name", room=room, name="Nightingale", seconds=30)
+    state = await name_as_element_shows_it(peer, room)
     print("name read in", state["readIn"])
-    assert state["readableName"] == "Nightingale", (state, peer.log_tail())
+    assert state["name"] == "Nightingale", (state, peer.log_tail())
 
 
 async def test_without_the_bundle_the_name_stays_encrypted(world, js) -> None:
