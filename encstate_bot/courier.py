@@ -616,10 +616,34 @@ class Courier:
         groups = [keys[i : i + MAX_PER_CALL] for i in range(0, len(keys), MAX_PER_CALL)]
         lacking = [[per_device[k][0][0] for k in g if k not in existing] for g in groups]
         claims: list[asyncio.Task | None] = [None] * len(groups)
+        made: list[asyncio.Task | None] = [None] * len(groups)
+
+        async def chained_claim(index: int) -> dict[str, Any]:
+            # One claim at a time: the homeserver answers a lone claim of 250 devices in a
+            # fraction of the time it takes for three at once, and the first one gates
+            # everything.
+            earlier = [task for task in claims[:index] if task is not None]
+            if earlier:
+                await asyncio.wait(earlier)
+            try:
+                return await self.bulk.claim(lacking[index])
+            except (MatrixRequestError, MatrixConnectionError) as e:
+                self.log.warning(f"One-time key claim failed: {e}")
+                return {}
+
+        async def new_sessions(index: int) -> dict[str, Any]:
+            # Olm sessions are made in a worker thread, one group after the other, while the
+            # event loop encrypts the previous group and sends the one before.
+            claimed = await claims[index]  # type: ignore[misc]
+            earlier = [task for task in made[:index] if task is not None]
+            if earlier:
+                await asyncio.wait(earlier)
+            return await self.bulk.sessions_from_claim(lacking[index], claimed)
 
         def claim(index: int) -> None:
             if index < len(groups) and lacking[index] and claims[index] is None:
-                claims[index] = asyncio.create_task(self.bulk.claim(lacking[index]))
+                claims[index] = asyncio.create_task(chained_claim(index))
+                made[index] = asyncio.create_task(new_sessions(index))
 
         in_flight: asyncio.Task | None = None
         try:
@@ -628,14 +652,9 @@ class Courier:
                 claim(index + 1)  # the homeserver works on the next claims meanwhile
                 claim(index + 2)
                 sessions = {k: existing[k] for k in group if k in existing}
-                task = claims[index]
+                task = made[index]
                 if task is not None:
-                    try:
-                        claimed = await task
-                    except (MatrixRequestError, MatrixConnectionError) as e:
-                        self.log.warning(f"One-time key claim failed: {e}")
-                        claimed = {}
-                    sessions.update(await self.bulk.sessions_from_claim(lacking[index], claimed))
+                    sessions.update(await task)
                 entries = []
                 for key in group:
                     if key in sessions:
@@ -665,7 +684,7 @@ class Courier:
                 calls += await in_flight
                 in_flight = None
         finally:
-            for task in [in_flight, *claims]:
+            for task in [in_flight, *claims, *made]:
                 if task is not None and not task.done():
                     task.cancel()
         return sent, failed, no_olm, calls
