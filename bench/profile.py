@@ -1,24 +1,33 @@
 """`python -m bench.profile [users]`: cProfile of one cold push (2 devices per user), sorted by
-the time spent in each function itself. What docs/performance.md's table comes from."""
+the time spent in each function itself, on the event loop's thread (Olm sessions are made in
+worker threads; `python -m bench.timeline` shows those). What docs/performance.md's table
+comes from."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import cProfile
 import logging
 import pstats
 import sys
 import tempfile
+from typing import AsyncIterator
 
 from aiohttp import ClientSession, TCPConnector
 
 from harness.synapse import Synapse
 
 from . import fanout
-from .population import Population
+from .population import Device, Population
 
 
-async def main(count: int) -> None:
+@contextlib.asynccontextmanager
+async def cold_push_setup(
+    count: int,
+) -> AsyncIterator[tuple[fanout.InProcessBot, fanout.Room, list[list[Device]]]]:
+    """A throwaway Synapse, a room with the bot, and `count` users with 2 fresh devices each
+    who joined the room: everything a cold push needs, ready to time."""
     with Synapse() as synapse, tempfile.TemporaryDirectory() as workdir:
         async with ClientSession(connector=TCPConnector(limit=200)) as http:
             pop = Population(synapse, http)
@@ -31,11 +40,18 @@ async def main(count: int) -> None:
             users = await pop.users("p", count, devices=2, one_time_keys=5)
             await pop.join(room.room_id, users)
             bot = await fanout.bot_for(synapse, http, workdir, "profiled", bot_user, room)
-            profile = cProfile.Profile()
-            profile.enable()
-            result = await fanout.courier_push(bot, room, users, "join")
-            profile.disable()
-            await bot.stop()
+            try:
+                yield bot, room, users
+            finally:
+                await bot.stop()
+
+
+async def main(count: int) -> None:
+    async with cold_push_setup(count) as (bot, room, users):
+        profile = cProfile.Profile()
+        profile.enable()
+        result = await fanout.courier_push(bot, room, users, "join")
+        profile.disable()
     print({k: v for k, v in result.items() if k != "other"})
     pstats.Stats(profile).sort_stats("tottime").print_stats(30)
 
