@@ -17,6 +17,7 @@ import json
 from json.encoder import encode_basestring_ascii as _json_str
 import logging
 import secrets
+import threading
 from typing import Any, Iterable
 
 from _libolm import ffi, lib
@@ -29,6 +30,7 @@ from .olm_store import BulkOlmStore
 
 OLM_ALGORITHM = "m.olm.v1.curve25519-aes-sha2"
 QUERY_CHUNK = 250  # users per /keys/query
+QUERIES_AT_ONCE = 4
 CLAIM_CHUNK = 1000  # devices per /keys/claim
 # Encryption yields to the event loop after this many messages (about 10 ms of work), so a
 # big push never holds up a newcomer's answer for long.
@@ -47,10 +49,40 @@ def verify_json(data: Any, user_id: str, key_name: str, key: str) -> bool:
     try:
         signature = data["signatures"][user_id][f"ed25519:{key_name}"]
         unsigned = {k: v for k, v in data.items() if k not in ("signatures", "unsigned")}
-        olm.ed25519_verify(key, canonical_json(unsigned), signature)
-        return True
-    except (KeyError, TypeError, AttributeError, ValueError, olm.OlmVerifyError):
+        return ed25519_verify(key, canonical_json(unsigned), signature)
+    except (KeyError, TypeError, AttributeError, ValueError):
         return False
+
+
+_utilities = threading.local()
+
+
+def ed25519_verify(key: str, message: str, signature: str) -> bool:
+    """Whether ``signature`` (unpadded base64) signs ``message`` for the ed25519 ``key``.
+
+    The same libolm call as ``olm.ed25519_verify``, with a libolm utility object per thread:
+    python-olm shares one between all threads, set up on first use without a lock, and clears
+    its copy of the message byte by byte in Python (signed JSON is public; nothing to clear)."""
+    utility = getattr(_utilities, "utility", None)
+    if utility is None:
+        buffer = ffi.new("char[]", lib.olm_utility_size())
+        utility = _utilities.utility = lib.olm_utility(buffer)
+        _utilities.buffer = buffer  # the utility lives in this buffer
+    if not isinstance(key, str) or not isinstance(signature, str):
+        raise TypeError("key and signature must be strings")
+    key_bytes = key.encode()
+    message_bytes = message.encode()
+    signature_bytes = bytearray(signature, "utf-8")  # libolm decodes it in place
+    result = lib.olm_ed25519_verify(
+        utility,
+        key_bytes,
+        len(key_bytes),
+        message_bytes,
+        len(message_bytes),
+        ffi.from_buffer(signature_bytes),
+        len(signature_bytes),
+    )
+    return result != lib.olm_error()
 
 
 def olm_encrypt(session: olm.Session, plaintext: str) -> tuple[int, str]:
@@ -82,6 +114,18 @@ def olm_encrypt(session: olm.Session, plaintext: str) -> tuple[int, str]:
     finally:
         data[:] = bytes(len(data))
     return message_type, ffi.unpack(buffer, length).decode()
+
+
+def settle(tasks: Iterable[asyncio.Future | None]) -> None:
+    """Cancel what is still running and retrieve what failed (it was logged or raised by the
+    caller already), so that nothing is left for asyncio to complain about."""
+    for task in tasks:
+        if task is None:
+            continue
+        if not task.done():
+            task.cancel()
+        elif not task.cancelled():
+            task.exception()
 
 
 def _first_ed25519(key: Any) -> str | None:
@@ -133,27 +177,27 @@ class BulkOlm:
         found = {u: d for u, d in known.items() if d is not None}
         unknown = [u for u, d in known.items() if d is None]
         chunks = [unknown[i : i + QUERY_CHUNK] for i in range(0, len(unknown), QUERY_CHUNK)]
-        # All queries go out at once; each answer is validated and stored while the homeserver
-        # works on the next.
-        queries = [
-            asyncio.ensure_future(
-                self.client.api.request(
+        # The queries go out together (a few at a time); each answer is validated and stored
+        # while the homeserver works on the next.
+        limit = asyncio.Semaphore(QUERIES_AT_ONCE)
+
+        async def query(chunk: list[str]) -> Any:
+            async with limit:
+                return await self.client.api.request(
                     Method.POST,
                     Path.v3.keys.query,
                     {"device_keys": {u: [] for u in chunk}, "timeout": 10000},
                 )
-            )
-            for chunk in chunks
-        ]
+
+        queries = [asyncio.ensure_future(query(chunk)) for chunk in chunks]
         try:
-            for chunk, query in zip(chunks, queries, strict=True):
-                resp = await query
+            for chunk, answer in zip(chunks, queries, strict=True):
+                resp = await answer
                 for server, error in (resp.get("failures") or {}).items():
                     self.log.warning(f"Key query failure for {server}: {error}")
                 found.update(await self._store_devices(chunk, resp))
         finally:
-            for query in queries:
-                query.cancel()
+            settle(queries)
         for user_id in unknown:
             found.setdefault(user_id, {})
         return found
@@ -332,7 +376,7 @@ class BulkOlm:
                 continue
             try:
                 session = account.new_outbound_session(device.identity_key, key["key"])
-            except (olm.OlmSessionError, KeyError, TypeError) as e:
+            except (olm.OlmSessionError, KeyError, TypeError, ValueError) as e:
                 problems.append(f"No Olm session with {who}: {e}")
                 continue
             made.append((device.identity_key, session))

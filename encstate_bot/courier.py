@@ -30,7 +30,7 @@ from mautrix.types import (
 )
 
 from . import protocol
-from .bulk_olm import BulkOlm
+from .bulk_olm import BulkOlm, settle
 from .ledger import SessionFacts, SessionKind
 from .policy import (
     Decision,
@@ -684,9 +684,7 @@ class Courier:
                 calls += await in_flight
                 in_flight = None
         finally:
-            for task in [in_flight, *claims, *made]:
-                if task is not None and not task.done():
-                    task.cancel()
+            settle([in_flight, *claims, *made])
         return sent, failed, no_olm, calls
 
     async def send_room_keys(

@@ -89,7 +89,6 @@ class BulkOlmStore:
         store: PgCryptoStore = self.store
         rows = []
         for key, session in sessions:
-            store._olm_cache[key][SessionID(session.id)] = session
             rows.append(
                 (
                     session.id,
@@ -107,6 +106,10 @@ class BulkOlmStore:
                 "last_encrypted, last_decrypted, account_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 rows,
             )
+        # Into mautrix's cache only once stored: a later update of a cached session must find
+        # its row.
+        for key, session in sessions:
+            store._olm_cache[key][SessionID(session.id)] = session
 
     async def update_sessions(self, sessions: list[tuple[str, Session]]) -> None:
         if not self.sql:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 import json
 import logging
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ from mautrix.types import DeviceIdentity, EventType, TrustState
 import olm
 import pytest
 
-from encstate_bot.bulk_olm import BulkOlm, olm_encrypt
+from encstate_bot.bulk_olm import BulkOlm, canonical_json, olm_encrypt, verify_json
 
 
 class Peer:
@@ -106,3 +107,49 @@ async def test_bulk_encrypt_builds_the_plaintext_mautrix_would() -> None:
             "content": content,
         }
     assert all(session.last_encrypted is not None for session in sessions.values())
+
+
+def signed(account: olm.Account, user_id: str, device_id: str, data: dict) -> dict:
+    signature = account.sign(canonical_json(data))
+    return {**data, "signatures": {user_id: {f"ed25519:{device_id}": signature}}}
+
+
+def test_signatures_are_checked_like_python_olm_in_any_thread() -> None:
+    account = olm.Account()
+    key = account.identity_keys["ed25519"]
+    good = signed(account, "@p:x", "P", {"key": "abc", "ü": "✓"})
+    assert verify_json(good, "@p:x", "P", key)
+    olm.ed25519_verify(
+        key,
+        canonical_json({"key": "abc", "ü": "✓"}),
+        account.sign(canonical_json({"key": "abc", "ü": "✓"})),
+    )  # the reference accepts the same
+    assert not verify_json({**good, "key": "abd"}, "@p:x", "P", key)
+    assert not verify_json(good, "@p:x", "P", olm.Account().identity_keys["ed25519"])
+    assert not verify_json(good, "@q:x", "P", key)
+    bad_signature = {**good, "signatures": {"@p:x": {"ed25519:P": "not base64!"}}}
+    assert not verify_json(bad_signature, "@p:x", "P", key)
+    assert not verify_json({**good, "signatures": {"@p:x": {"ed25519:P": 7}}}, "@p:x", "P", key)
+    assert not verify_json(good, "@p:x", "P", "short")
+    assert not verify_json(["not", "a", "dict"], "@p:x", "P", key)
+    assert not verify_json({**good, "bad": "\ud800"}, "@p:x", "P", key)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: verify_json(good, "@p:x", "P", key), range(200)))
+    assert all(results)
+
+
+def test_a_bad_one_time_key_costs_only_its_own_device() -> None:
+    bot = OlmAccount()
+    client = SimpleNamespace(crypto=SimpleNamespace(account=bot))
+    bulk = BulkOlm(client, logging.getLogger("test"))
+    good, empty, forged = Peer("@a:x", "A"), Peer("@b:x", "B"), Peer("@c:x", "C")
+    candidates = [
+        (good.identity, signed(good.account, "@a:x", "A", {"key": good.one_time_key()})),
+        (empty.identity, signed(empty.account, "@b:x", "B", {"key": ""})),
+        (forged.identity, signed(good.account, "@c:x", "C", {"key": forged.one_time_key()})),
+    ]
+    made, problems = bulk._new_sessions(candidates)
+    assert [key for key, _ in made] == [good.identity.identity_key]
+    assert len(problems) == 2
+    assert "No Olm session with @b:x/B" in problems[0]
+    assert "Invalid one-time key signature: @c:x/C" in problems[1]
