@@ -74,9 +74,8 @@ class Bundles:
         withheld: list[dict] = []
         for session_id in ledger.state_sessions():
             facts: SessionFacts = ledger.facts(session_id)
-            group_session = await source.get(room_id, session_id)
-            held = await bot.courier._held(source, room_id, session_id)
-            decision = decide(context.facts, who, facts, held[1])
+            group_session, held = await bot.courier._held(source, room_id, session_id)
+            decision = decide(context.facts, who, facts, held)
             sender_key = group_session.sender_key if group_session is not None else ""
             if isinstance(decision, Share) and group_session is not None:
                 room_keys.append(
@@ -94,15 +93,11 @@ class Bundles:
                     }
                 )
             elif not isinstance(decision, Share):
+                code = getattr(decision, "code", protocol.UNAUTHORISED)
                 withheld.append(
-                    {
-                        "algorithm": protocol.MEGOLM_ALGORITHM,
-                        "room_id": room_id,
-                        "session_id": session_id,
-                        "sender_key": sender_key,
-                        "code": getattr(decision, "code", protocol.UNAUTHORISED),
-                        "reason": decision.reason,
-                    }
+                    protocol.withheld_content(
+                        room_id, session_id, sender_key, code, decision.reason
+                    )
                 )
             if facts.kind == SessionKind.MIXED and isinstance(decision, Share):
                 self.log.info(f"Bundle for {room_id} includes mixed session {session_id}")
@@ -154,17 +149,8 @@ class Bundles:
         ]
         skipped = len([d for d in devices.values() if not d.deleted]) - len(targets)
         if skipped:
-            rows.append(
-                AuditRow(
-                    room_id=room_id,
-                    user_id=user_id,
-                    device_id=None,
-                    session_id=None,
-                    decision="ignore",
-                    reason=f"no bundle for {skipped} device(s) not cross-signed by their owner",
-                    trigger="bundle",
-                )
-            )
+            why = f"no bundle for {skipped} device(s) not cross-signed by their owner"
+            rows.append(AuditRow.user_ignored(room_id, user_id, why, "bundle"))
         await bot.store.add_audit(rows)
         self.log.info(
             f"Sent {user_id} a room key bundle for {room_id}: {len(room_keys)} session(s), "

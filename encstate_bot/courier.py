@@ -267,8 +267,7 @@ class Courier:
                 await self._send(wave_items, wave_outcomes, [], source)
                 outcomes += wave_outcomes
         finally:
-            if next_devices is not None and not next_devices.done():
-                next_devices.cancel()
+            settle([next_devices])
         self.log.debug(
             f"Batch phases: rooms {1000 * (looked_up - started):.0f} ms, devices, decisions "
             f"and delivery {1000 * (time.monotonic() - looked_up):.0f} ms in {len(waves)} wave(s)"
@@ -740,14 +739,9 @@ class Courier:
             if per_device[key] > WITHHELD_PER_DEVICE:
                 o.notified = False
                 continue
-            content = {
-                "algorithm": EncryptionAlgorithm.MEGOLM_V1.value,
-                "room_id": o.item.room_id,
-                "session_id": o.session_id,
-                "sender_key": o.sender_key or "",
-                "code": o.decision.code,
-                "reason": o.decision.reason,
-            }
+            content = protocol.withheld_content(
+                o.item.room_id, o.session_id, o.sender_key, o.decision.code, o.decision.reason
+            )
             messages.append((o.item.user_id, o.device_id, content))
         for chunk in rounds(messages):
             for event_type in WITHHELD_TYPES:

@@ -55,6 +55,20 @@ NO_OLM = "m.no_olm"
 MAX_ID_LENGTH = 255
 
 
+def withheld_content(
+    room_id: str, session_id: str, sender_key: str | None, code: str, reason: str
+) -> dict[str, str]:
+    """An ``m.room_key.withheld`` content (also a bundle's ``withheld`` entry, MSC4268)."""
+    return {
+        "algorithm": MEGOLM_ALGORITHM,
+        "room_id": room_id,
+        "session_id": session_id,
+        "sender_key": sender_key or "",
+        "code": code,
+        "reason": reason,
+    }
+
+
 def state_encryption_flag(content: Any) -> str | None:
     """The flag name that turns state encryption on in an ``m.room.encryption`` content.
 

@@ -121,17 +121,7 @@ class Pushes:
                 f"{view.user_level(self.client.mxid)} does not exceed users_default "
                 f"{view.users_default}"
             )
-            ignored.append(
-                AuditRow(
-                    room_id=room_id,
-                    user_id=user_id,
-                    device_id=None,
-                    session_id=None,
-                    decision="ignore",
-                    reason=reason,
-                    trigger=membership,
-                )
-            )
+            ignored.append(AuditRow.user_ignored(room_id, user_id, reason, membership))
             self.log.info(f"Not pushing to {user_id} in {room_id}: bot not empowered")
             return []
         return [OutboxItem(room_id=room_id, user_id=user_id, trigger=membership)]

@@ -43,6 +43,19 @@ class AuditRow:
     id: int | None = None
     waited_ms: int | None = None  # from the request (or push) being queued to this decision
 
+    @classmethod
+    def user_ignored(cls, room_id: str, user_id: str, reason: str, trigger: str) -> AuditRow:
+        """A decision about a user as a whole (no device, no session) to do nothing."""
+        return cls(
+            room_id=room_id,
+            user_id=user_id,
+            device_id=None,
+            session_id=None,
+            decision="ignore",
+            reason=reason,
+            trigger=trigger,
+        )
+
 
 @dataclass(frozen=True)
 class OutboxItem:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable
 import uuid
 
 from aiohttp import ClientSession
@@ -75,6 +75,16 @@ class ReadState:
 
     def get(self, event_type: str, state_key: str = "") -> dict[str, Any] | None:
         return self.values.get((event_type, state_key))
+
+
+async def all_hold(users: Iterable[Any], room_id: str, session_ids: Iterable[str]) -> bool:
+    """Whether every one of these clients holds every one of these megolm sessions."""
+    session_ids = list(session_ids)
+    for user in users:
+        for session_id in session_ids:
+            if not await user.has_session(room_id, session_id):
+                return False
+    return True
 
 
 async def eventually(

@@ -72,17 +72,22 @@ async def named_room(world, bot, admin, **kwargs):
     return room, name
 
 
-async def test_an_element_user_invited_by_the_bot_reads_the_name(world, js) -> None:
-    bot = await world.bot(config=CROSS_SIGNED)
-    admin = await world.user("admin")
-    room, _ = await named_room(world, bot, admin)
-    # a topic whose session also carries a message: the bundle lists it as withheld, and the
-    # Rust crypto must still take the rest
+async def mixed_topic(world, bot, admin, room: str):
+    """A topic in a fresh session that also carries a message, both seen by the bot."""
     await admin.new_session(room)
     topic = await admin.send_state(room, "m.room.topic", "", {"topic": "plans"})
     chat = await admin.send_message(room, "a message in the topic's session")
     await world.wait_valid(bot, topic.event_id)
     await wait_message(world, bot, chat.event_id)
+    return topic
+
+
+async def test_an_element_user_invited_by_the_bot_reads_the_name(world, js) -> None:
+    bot = await world.bot(config=CROSS_SIGNED)
+    admin = await world.user("admin")
+    room, _ = await named_room(world, bot, admin)
+    # the bundle lists the mixed topic session as withheld; the Rust crypto must take the rest
+    await mixed_topic(world, bot, admin, room)
     peer = await js("element")
     reply = await admin.command(room, f"!encstate invite {peer.user_id}", bot.user_id)
     assert "1 session(s), 1 withheld" in reply and "1 cross-signed device(s)" in reply
@@ -125,11 +130,7 @@ async def test_the_bundle_withholds_mixed_sessions_and_every_message_carries_dev
     bot = await world.bot(config=CROSS_SIGNED)
     admin = await world.user("admin")
     room, name = await named_room(world, bot, admin)
-    await admin.new_session(room)
-    topic = await admin.send_state(room, "m.room.topic", "", {"topic": "plans"})
-    chat = await admin.send_message(room, "and a message in the topic's session")
-    await world.wait_valid(bot, topic.event_id)
-    await wait_message(world, bot, chat.event_id)
+    topic = await mixed_topic(world, bot, admin, room)
 
     invitee = await world.user("invitee")
     await invitee.crypto.generate_recovery_key()  # bundles go to cross-signed devices only

@@ -9,7 +9,7 @@ import tempfile
 from aiohttp import ClientSession
 
 from harness.botproc import BotProcess
-from harness.client import eventually
+from harness.client import all_hold, eventually
 from harness.synapse import Synapse
 from harness.world import World
 
@@ -53,14 +53,7 @@ async def _push_across_a_restart(world: World, synapse: Synapse) -> None:
     await asyncio.sleep(3)
     synapse.start()
 
-    async def complete() -> bool:
-        for member in members:
-            for s in sent:
-                if not await member.has_session(room, s.session_id):
-                    return False
-        return True
-
-    await eventually(complete, timeout=90)
+    await eventually(lambda: all_hold(members, room, [s.session_id for s in sent]), timeout=90)
     assert bot.running
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from harness.client import TestUser, eventually
+from harness.client import TestUser, all_hold, eventually
 
 SEND_KEYS = r"/sendToDevice/m\.room\.encrypted/"
 
@@ -140,14 +140,7 @@ async def test_a_push_killed_in_flight_resumes_without_sending_twice(world) -> N
     bot.start()
     await bot.wait_ready()
 
-    async def complete() -> bool:
-        for m in members:
-            for s in sent:
-                if not await m.has_session(room_b, s.session_id):
-                    return False
-        return True
-
-    await eventually(complete, timeout=60)
+    await eventually(lambda: all_hold(members, room_b, [s.session_id for s in sent]), timeout=60)
     await asyncio.sleep(2)
     for m in members:
         received = Counter(f["session_id"] for f in m.forwarded)

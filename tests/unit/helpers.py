@@ -44,3 +44,14 @@ def message(
         ciphertext=None,
         status=status,
     )
+
+
+class OneSessionCrypto:
+    """A stand-in for mautrix's OlmMachine that holds one megolm session."""
+
+    def __init__(self, session) -> None:
+        self.crypto_store = self
+        self.session = session
+
+    async def get_group_session(self, room_id, session_id):
+        return self.session if session_id == self.session.id else None

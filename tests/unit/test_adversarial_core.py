@@ -18,7 +18,7 @@ from encstate_bot.policy import HeldSession, Mode, Requester, RoomFacts, Share, 
 from encstate_bot.rooms import RoomView
 from encstate_bot.tracker import SessionSource, Tracker
 
-from .helpers import ROOM, state
+from .helpers import ROOM, OneSessionCrypto, state
 
 SESSIONS = ["S0", "S1", "S2"]
 TYPES = ["m.room.name", "m.room.topic", "m.room.avatar", "org.example.thing"]
@@ -162,15 +162,6 @@ def test_encryption_events_with_odd_flags(content) -> None:
         assert content.get(flag) is True and content.get("algorithm") == protocol.MEGOLM_ALGORITHM
 
 
-class _Crypto:
-    def __init__(self, session) -> None:
-        self.crypto_store = self
-        self.session = session
-
-    async def get_group_session(self, room_id, session_id):
-        return self.session if session_id == self.session.id else None
-
-
 payloads = st.fixed_dictionaries(
     {},
     optional={
@@ -194,7 +185,7 @@ def test_encrypted_state_is_valid_only_when_every_check_passes(payload, outer, g
     ciphertext = outbound.encrypt(json.dumps(payload))
     if garbage:
         ciphertext = ciphertext[:-8] + "AAAAAAAA"
-    tracker = Tracker(store=None, crypto=_Crypto(inbound), log=logging.getLogger("test"))
+    tracker = Tracker(store=None, crypto=OneSessionCrypto(inbound), log=logging.getLogger("test"))
     tracker.view(ROOM).apply(
         {
             "type": "m.room.power_levels",

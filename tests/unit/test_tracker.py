@@ -11,16 +11,7 @@ import olm
 from encstate_bot.ledger import Status
 from encstate_bot.tracker import Tracker
 
-from .helpers import ROOM, state
-
-
-class _Crypto:
-    def __init__(self, session) -> None:
-        self.crypto_store = self
-        self.session = session
-
-    async def get_group_session(self, room_id, session_id):
-        return self.session if session_id == self.session.id else None
+from .helpers import ROOM, OneSessionCrypto, state
 
 
 class _Store:
@@ -53,7 +44,7 @@ async def test_state_seen_before_the_power_levels_waits_for_them() -> None:
             "ciphertext": outbound.encrypt(json.dumps(payload)),
         },
     }
-    tracker = Tracker(_Store(), _Crypto(inbound), logging.getLogger("test"))
+    tracker = Tracker(_Store(), OneSessionCrypto(inbound), logging.getLogger("test"))
     tracker.ledger(ROOM)
     await tracker.ingest(ROOM, [raw])
     assert tracker.ledgers[ROOM].events["$t"].status == Status.PENDING
