@@ -31,6 +31,8 @@ from .store import AuditRow, RoomRow, Store
 from .tracker import Tracker
 
 SELF_SUPPLY_TICK = 15
+SUPPLY_ATTEMPTS = 6  # asks per missing session (the wait doubles each time), then it stops
+PRUNE_EVERY_SECONDS = 3600
 PAGE = 100
 
 
@@ -55,12 +57,15 @@ class EncStateBot(Plugin):
         self.config.load_and_update()
         self._tasks: list[asyncio.Task] = []
         self._patched: dict[str, Any] = {}
-        self._supply_asked: dict[tuple[str, str], float] = {}
+        self._supply_asked: dict[tuple[str, str], tuple[float, int]] = {}
+        self._pruned_at = 0.0
         self._gained_at_start: dict[str, set[str]] = {}
         self._sync_seen = False
         self.ready = asyncio.Event()
         self.store = Store(self.database)
-        self.tracker = Tracker(self.store, self.client.crypto, self.log, self._on_new_state)
+        self.tracker = Tracker(
+            self.store, self.client.crypto, self.log, self._on_new_state, self.client.mxid
+        )
         try:
             self.room_rows: dict[str, RoomRow] = {r.room_id: r for r in await self.store.rooms()}
             await self.tracker.load()
@@ -99,6 +104,7 @@ class EncStateBot(Plugin):
             self.client.mxid,
             self.client.device_id,
             self.log.getChild("requests"),
+            joined=lambda room_id: room_id in self.pushes.joined or not self.ready.is_set(),
         )
         if self.client.crypto is None:
             self.log.error(
@@ -260,7 +266,7 @@ class EncStateBot(Plugin):
                     )
         if not self.tracker.tracked(room_id):
             return links_changed
-        await self.tracker.ingest(room_id, state + timeline)
+        await self.tracker.ingest(room_id, state + timeline, current=True)
         if not was_tracked or room_id not in self.tracker.backfilled:
             self._spawn(self._catch_up(room_id, None), f"encstate-backfill-{room_id}")
         elif timeline_data.get("limited") and timeline_data.get("prev_batch"):
@@ -294,13 +300,27 @@ class EncStateBot(Plugin):
         except Exception:
             self.log.exception("Start-up rescan failed")
         self.ready.set()
+        while True:
+            try:
+                await self.maintain()
+            except Exception:
+                self.log.exception("Maintenance round failed")
+            await asyncio.sleep(SELF_SUPPLY_TICK)
+
+    async def maintain(self) -> None:
+        """The periodic chores: write what could not be written, drop old audit rows and queue
+        items past their limits, ask for missing sessions."""
+        await self.tracker.flush_all()
+        now = time.time()
+        if now - self._pruned_at > PRUNE_EVERY_SECONDS:
+            self._pruned_at = now
+            days = self.config["audit_retention_days"]
+            if days:
+                removed = await self.store.prune_audit(int((now - days * 86400) * 1000))
+                if removed:
+                    self.log.info(f"Dropped {removed} audit row(s) older than {days} day(s)")
         if self.client.crypto is not None and self.config["self_supply.enabled"]:
-            while True:
-                try:
-                    await self.self_supply()
-                except Exception:
-                    self.log.exception("Self-supply round failed")
-                await asyncio.sleep(SELF_SUPPLY_TICK)
+            await self.self_supply()
 
     async def setup_cross_signing(self) -> None:
         """Make the bot's device cross-signed: Element takes room key bundles only from such
@@ -360,12 +380,11 @@ class EncStateBot(Plugin):
             state = [e for e in state if isinstance(e, dict)]
             await self._apply_plain_state(room_id, state)
             if self.tracker.tracked(room_id):
-                await self.tracker.ingest(room_id, state)
+                await self.tracker.ingest(room_id, state, current=True)
         for room_id in list(self.tracker.ledgers):
             if room_id in rooms:
                 await self._catch_up(room_id, None)
-        for room_id, session_id in list(self.tracker.missing_sessions()):
-            await self.tracker.session_received(room_id, session_id)
+        await self.tracker.settle_pending()
         pushed = await self.pushes.refresh_links()
         for room_id, session_ids in self._gained_at_start.items():
             await self.pushes.on_new_state(room_id, session_ids, skip=pushed)
@@ -439,10 +458,17 @@ class EncStateBot(Plugin):
                 f"Missing {len(missing)} state session(s) in {len(rooms)} room(s); asking for them"
             )
         for (room_id, session_id), rec in missing.items():
-            last = self._supply_asked.get((room_id, session_id))
-            if last is not None and now - last < retry:
+            last, asked = self._supply_asked.get((room_id, session_id), (None, 0))
+            if asked >= SUPPLY_ATTEMPTS:
+                continue  # a session nobody answers for (garbage, or its owner is gone)
+            if last is not None and now - last < retry * 2 ** (asked - 1):
                 continue
-            self._supply_asked[(room_id, session_id)] = now
+            self._supply_asked[(room_id, session_id)] = (now, asked + 1)
+            if asked + 1 == SUPPLY_ATTEMPTS:
+                self.log.info(
+                    f"Asked {SUPPLY_ATTEMPTS} times for session {session_id} in {room_id}; "
+                    "not asking again until a restart"
+                )
             users = {rec.sender} | set(self.tracker.view(room_id).empowered_users())
             from_devices: dict[str, list[str]] = {}
             sender_key = rec.sender_key

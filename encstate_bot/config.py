@@ -28,6 +28,7 @@ KEYS = (
     "self_supply.retry_seconds",
     "backfill_limit",
     "audit_room",
+    "audit_retention_days",
     "cross_signing.recovery_key",
     "cross_signing.bootstrap",
     "send_bundles",
@@ -108,6 +109,7 @@ class Config(BaseProxyConfig):
             "rate_limits.per_device.burst",
             "rate_limits.per_user.burst",
             "backfill_limit",
+            "audit_retention_days",
         ):
             value = self[key]
             _need(

@@ -60,6 +60,10 @@ PUSH_COALESCE_SECONDS = 0.5
 COALESCE_BELOW = 50
 MEMBER_LOOKUP_LIMIT = 3  # above this many users in one room, list the room's members
 MAX_BACKOFF_MS = 5 * 60 * 1000
+# A queued item is dropped (and audited) after this many failed tries or this age: nothing a
+# user can queue lives forever.
+MAX_ATTEMPTS = 8
+MAX_AGE_MS = {True: 15 * 60 * 1000, False: 24 * 3600 * 1000}  # requests, pushes
 
 # Unasked pushes: never the same (device, session, index) twice. Requests and an admin's
 # explicit share are always answered.
@@ -89,6 +93,7 @@ class RoomContext:
     policy: RoomPolicy
     memberships: dict[str, str | None]
     admitted: dict[str, str]
+    removed: frozenset[str] = frozenset()  # banned, or kicked by someone else
 
 
 @dataclass
@@ -102,6 +107,7 @@ class Outcome:
     device: DeviceIdentity | None = None
     sender_key: str | None = None
     notified: bool = True  # for a withhold: whether the device was sent a withheld notice
+    failed: bool = False  # for a share: the sendToDevice call carrying it failed
 
 
 def rounds(messages: list[tuple[str, str, Any]]) -> list[list[tuple[str, str, Any]]]:
@@ -179,10 +185,6 @@ class Courier:
             self._wake[lane].set()
         return count
 
-    def wake(self) -> None:
-        for event in self._wake.values():
-            event.set()
-
     async def _run(self, lane: str) -> None:
         wake = self._wake[lane]
         while True:
@@ -232,6 +234,10 @@ class Courier:
         contexts: dict[str, RoomContext] = {}
         skipped: list[OutboxItem] = []
         for room_id, room_items in by_room.items():
+            if not self.tracker.complete(room_id):
+                self.log.warning(f"{room_id} has events not recorded yet; retrying later")
+                skipped += room_items
+                continue
             try:
                 contexts[room_id] = await self._room_context(room_id, room_items)
             except (MatrixRequestError, MatrixConnectionError) as e:
@@ -310,46 +316,56 @@ class Courier:
     async def memberships(
         self, room_id: str, user_ids: set[str], invited: bool = True
     ) -> dict[str, str | None]:
-        """The homeserver's current word on these users' membership: one GET per user for a
-        few users, else the room's joined members (and invited ones if they count) in one or
-        two calls. None means not joined (nor invited)."""
+        """The homeserver's current word on these users' membership (None: never a member)."""
+        return {u: m for u, (m, _) in (await self.member_states(room_id, user_ids)).items()}
+
+    async def member_states(
+        self, room_id: str, user_ids: set[str]
+    ) -> dict[str, tuple[str | None, bool]]:
+        """Each user's membership and whether they were removed (banned, or kicked: a leave
+        sent by someone else). One GET per user for a few users; else the joined members in
+        one call, and the other memberships (with their senders) only if someone is not
+        joined. A leave whose sender cannot be read counts as removed."""
+        room = Path.v3.rooms[room_id]
         if len(user_ids) <= MEMBER_LOOKUP_LIMIT:
 
-            async def one(user_id: str) -> str | None:
+            async def one(user_id: str) -> tuple[str | None, bool]:
                 try:
-                    content = await self.client.api.request(
-                        Method.GET, Path.v3.rooms[room_id].state["m.room.member"][user_id]
+                    event = await self.client.api.request(
+                        Method.GET,
+                        room.state["m.room.member"][user_id],
+                        query_params={"format": "event"},
                     )
                 except MNotFound:
-                    return None
-                value = content.get("membership")
-                return value if isinstance(value, str) else None
+                    return None, False
+                return _member_state(user_id, event)
 
             users = list(user_ids)
             found = await asyncio.gather(*(one(u) for u in users))
             return dict(zip(users, found, strict=True))
-        room = Path.v3.rooms[room_id]
         joined = await self.client.api.request(Method.GET, room.joined_members)
-        members = {u: "join" for u in joined.get("joined", {})}
-        if invited:
+        states: dict[str, tuple[str | None, bool]] = {
+            u: ("join", False) for u in joined.get("joined", {}) if u in user_ids
+        }
+        if len(states) < len(user_ids):
             resp = await self.client.api.request(
-                Method.GET, room.members, query_params={"membership": "invite"}
+                Method.GET, room.members, query_params={"not_membership": "join"}
             )
             for evt in resp.get("chunk", []):
-                members.setdefault(evt.get("state_key"), "invite")
-        return {user_id: members.get(user_id) for user_id in user_ids}
+                user_id = evt.get("state_key") if isinstance(evt, dict) else None
+                if user_id in user_ids and user_id not in states:
+                    states[user_id] = _member_state(user_id, evt)
+        return {u: states.get(u, (None, False)) for u in user_ids}
 
     async def _room_context(self, room_id: str, items: list[OutboxItem]) -> RoomContext:
         """What the decisions in one room depend on, read fresh for this batch."""
-        invited = self.room_policy(room_id).share_with_invited or any(
-            i.trigger == BOT_INVITE for i in items
+        (facts, policy), states = await asyncio.gather(
+            self._room_facts(room_id), self.member_states(room_id, {i.user_id for i in items})
         )
-        (facts, policy), memberships = await asyncio.gather(
-            self._room_facts(room_id),
-            self.memberships(room_id, {i.user_id for i in items}, invited),
-        )
+        memberships = {u: m for u, (m, _) in states.items()}
+        removed = frozenset(u for u, (_, gone) in states.items() if gone)
         admitted = await self._admissions(room_id, items, memberships, policy)
-        return RoomContext(room_id, facts, policy, memberships, admitted)
+        return RoomContext(room_id, facts, policy, memberships, admitted, removed)
 
     async def _decide(
         self,
@@ -396,6 +412,8 @@ class Courier:
                     who = await self._requester(
                         item.user_id, device_id, device, memberships, facts
                     )
+                    if item.user_id in context.removed:
+                        who = evolve(who, removed=True)
                     if item.user_id in admitted:
                         who = evolve(who, admitted_via=admitted[item.user_id])
                     if item.trigger == BOT_INVITE:
@@ -466,10 +484,9 @@ class Courier:
         memberships: dict[str, str | None],
         facts: RoomFacts,
     ) -> Requester:
-        cross_signed = False
+        cross_signed = changed = False
         if device is not None and facts.mode == Mode.CROSS_SIGNED:
-            trust = await self.crypto.resolve_trust(device)
-            cross_signed = trust >= TrustState.CROSS_SIGNED_UNTRUSTED
+            cross_signed, changed = await self.trust(device)
         return Requester(
             user_id=user_id,
             device_id=device_id,
@@ -477,7 +494,22 @@ class Courier:
             device_known=device is not None,
             blacklisted=device is not None and device.trust == TrustState.BLACKLISTED,
             cross_signed=cross_signed,
+            identity_changed=changed,
         )
+
+    async def trust(self, device: DeviceIdentity) -> tuple[bool, bool]:
+        """(cross-signed, identity changed) for a device. Cross-signed means by an identity
+        the bot trusted on first use (or verified): a cross-signing identity that changed since
+        then (CROSS_SIGNED_UNTRUSTED: what a homeserver swapping it in looks like) does not
+        count, and is logged."""
+        trust = await self.crypto.resolve_trust(device)
+        if trust == TrustState.CROSS_SIGNED_UNTRUSTED:
+            self.log.warning(
+                f"{device.user_id}'s cross-signing identity changed since the bot first saw it "
+                f"(device {device.device_id}): treated as not cross-signed"
+            )
+            return False, True
+        return trust >= TrustState.CROSS_SIGNED_TOFU, False
 
     async def _held(
         self, source: SessionSource, room_id: str, session_id: str
@@ -508,6 +540,8 @@ class Courier:
         if shares:
             sent, failed, calls = await self._send_keys(shares, source, recorded)
             failed_items |= {o.item.id for o in failed if o.item.id is not None}
+            for o in failed:
+                o.failed = True  # an unqueued share (a command's) is audited as failed
         withholds = [
             o
             for o in outcomes
@@ -515,10 +549,21 @@ class Courier:
         ]
         if withholds:
             await self._send_withheld(withholds)
-        rest = [o for o in outcomes if id(o) not in recorded and o.item.id not in failed_items]
-        done = [i.id for i in items if i.id is not None and i.id not in failed_items]
-        await self.store.finish(done, [self._audit_row(o) for o in rest])
         retry = [i for i in items if i.id in failed_items]
+        expired = [i for i in retry if self._expired(i)]
+        gone = {i.id for i in expired}
+        retry = [i for i in retry if i.id not in gone]
+        rest = [
+            o
+            for o in outcomes
+            if id(o) not in recorded and (o.item.id not in failed_items or o.item.id in gone)
+        ]
+        done = [
+            i.id for i in items if i.id is not None and (i.id not in failed_items or i.id in gone)
+        ]
+        await self.store.finish(
+            done, [self._audit_row(o) for o in rest] + [self._gave_up(i) for i in expired]
+        )
         for item in retry:
             await self.store.retry_later([item.id], backoff_ms(item.attempts))
         for o in rest:
@@ -758,6 +803,29 @@ class Courier:
 
     # Records ------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _expired(item: OutboxItem) -> bool:
+        """A queued item that failed too often or waited too long: dropped, never retried."""
+        age = int(time.time() * 1000) - item.enqueued if item.enqueued else 0
+        return item.attempts + 1 >= MAX_ATTEMPTS or age > MAX_AGE_MS[lane_of(item) == REQUEST_LANE]
+
+    def _gave_up(self, item: OutboxItem) -> AuditRow:
+        why = f"gave up after {item.attempts + 1} tries over {_waited(item) or 0} ms"
+        self.log.warning(
+            f"Dropping the {item.trigger} for {item.user_id} in {item.room_id}: {why}"
+        )
+        return AuditRow(
+            room_id=item.room_id,
+            user_id=item.user_id,
+            device_id=item.device_id,
+            session_id=item.session_id,
+            decision="ignore",
+            reason=why,
+            trigger=item.trigger,
+            request_id=item.request_id,
+            waited_ms=_waited(item),
+        )
+
     def _audit_row(self, o: Outcome) -> AuditRow:
         d = o.decision
         common = dict(
@@ -767,8 +835,15 @@ class Courier:
             session_id=o.session_id,
             trigger=o.item.trigger,
             request_id=o.item.request_id,
-            waited_ms=int(time.time() * 1000) - o.item.enqueued if o.item.enqueued else None,
+            waited_ms=_waited(o.item),
         )
+        if o.failed:
+            return AuditRow(
+                decision="failed",
+                reason=f"not delivered (sendToDevice failed): {d.reason}",
+                msg_index=getattr(d, "index", None),
+                **common,
+            )
         if isinstance(d, Share):
             return AuditRow(
                 decision="share", reason=d.reason, msg_index=d.index, exposed=d.exposed, **common
@@ -796,6 +871,13 @@ class Courier:
             self.log.info(f"Ignored {who} ({o.item.trigger}): {d.reason}")
 
 
+def _waited(item: OutboxItem) -> int | None:
+    """How long an item has waited, in ms (clamped: a clock jump cannot overflow a column)."""
+    if not item.enqueued:
+        return None
+    return max(0, min(int(time.time() * 1000) - item.enqueued, 2**53))
+
+
 def lane_of(item: OutboxItem) -> str:
     return REQUEST_LANE if item.trigger == REQUEST_LANE else PUSH_LANE
 
@@ -815,3 +897,20 @@ def forwarded_content(
     if shared_history:
         content["shared_history"] = True
     return content
+
+
+def _member_state(user_id: str, event: Any) -> tuple[str | None, bool]:
+    """(membership, removed) from a member event (or, from a server that ignores
+    ``format=event``, its bare content: then a leave counts as removed, to be safe)."""
+    if not isinstance(event, dict):
+        return None, False
+    content = event.get("content") if "content" in event else event
+    membership = content.get("membership") if isinstance(content, dict) else None
+    if not isinstance(membership, str):
+        return None, False
+    if membership == "ban":
+        return membership, True
+    if membership == "leave":
+        sender = event.get("sender") if "content" in event else None
+        return membership, sender != user_id
+    return membership, False

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from . import protocol
 from .courier import Courier
@@ -31,6 +31,7 @@ class KeyRequests:
         own_user: str,
         own_device: str | None,
         log: logging.Logger,
+        joined: Callable[[str], bool] = lambda room_id: True,
     ) -> None:
         self.courier = courier
         self.store = store
@@ -38,6 +39,7 @@ class KeyRequests:
         self.own_user = own_user
         self.own_device = own_device
         self.log = log
+        self.joined = joined
         # (user, device, request_id) -> (room, session, time): kept to answer again on arrival
         self.waiting: OrderedDict[tuple[str, str, str], tuple[str, str, float]] = OrderedDict()
         self.dropped: dict[str, int] = {}
@@ -63,6 +65,11 @@ class KeyRequests:
                 key = (parsed.user_id, parsed.device_id, parsed.request_id)
                 items = [i for i in items if (i.user_id, i.device_id, i.request_id) != key]
                 await self.cancel(parsed)
+                continue
+            if not self.joined(parsed.room_id):
+                # Nothing to answer with, and an answer would need the room read first: junk
+                # room ids must cost nothing and never wait in the queue.
+                self._count("room the bot is not in")
                 continue
             refusal = self.gate.admit(
                 parsed.user_id, parsed.device_id, parsed.request_id, parsed.session_id, now

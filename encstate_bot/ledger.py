@@ -97,12 +97,6 @@ class SessionFacts:
     # indices between safe_index and the highest known index that the bot never saw decrypt
     gaps: tuple[int, ...] = ()
 
-    @property
-    def best_rank(self) -> int:
-        from .protocol import aesthetic_rank
-
-        return min((aesthetic_rank(rec.inner_type) for rec in self.current), default=99)
-
 
 class RoomLedger:
     """Everything the bot knows about one room's encrypted state and its sessions."""
@@ -113,7 +107,11 @@ class RoomLedger:
         self.messages: dict[str, MessageRecord] = {}
         self._state_by_session: dict[str, set[str]] = {}
         self._messages_by_session: dict[str, set[str]] = {}
-        self._winners: dict[tuple[str, str], str] = {}
+        self._by_outer: dict[str, set[str]] = {}
+        # packed outer key -> the event the homeserver's current state holds for it
+        self.server_current: dict[str, str] = {}
+        # packed outer key -> the valid record that is the current value
+        self._winners: dict[str, str] = {}
         self._facts_cache: dict[str, SessionFacts] = {}
 
     # Feeding ------------------------------------------------------------------------------------
@@ -124,9 +122,9 @@ class RoomLedger:
             return False
         self.events[record.event_id] = record
         self._state_by_session.setdefault(record.session_id, set()).add(record.event_id)
-        if record.status == Status.VALID:
-            self._consider_winner(record)
+        self._by_outer.setdefault(record.outer_key, set()).add(record.event_id)
         self._invalidate(record.session_id)
+        self._recompute_winner(record.outer_key)
         return True
 
     def update_state(self, record: StateRecord) -> None:
@@ -134,11 +132,20 @@ class RoomLedger:
         old = self.events.get(record.event_id)
         self.events[record.event_id] = record
         self._state_by_session.setdefault(record.session_id, set()).add(record.event_id)
-        if old is not None and old.pair is not None and old.pair != record.pair:
-            self._recompute_winner(old.pair)
-        if record.status == Status.VALID:
-            self._consider_winner(record)
+        self._by_outer.setdefault(record.outer_key, set()).add(record.event_id)
+        if old is not None and old.outer_key != record.outer_key:
+            self._recompute_winner(old.outer_key)
         self._invalidate(record.session_id)
+        self._recompute_winner(record.outer_key)
+
+    def set_server_current(self, outer_key: str, event_id: str) -> None:
+        """The homeserver's current state holds ``event_id`` for this packed key (MSC4362: it
+        is authoritative). While that event is not valid to the bot, nothing is current for
+        the key, so nothing older for it is shared."""
+        if self.server_current.get(outer_key) == event_id:
+            return
+        self.server_current[outer_key] = event_id
+        self._recompute_winner(outer_key)
 
     def add_message(self, record: MessageRecord) -> bool:
         if record.event_id in self.messages or record.event_id in self.events:
@@ -153,23 +160,29 @@ class RoomLedger:
         self._messages_by_session.setdefault(record.session_id, set()).add(record.event_id)
         self._invalidate(record.session_id)
 
-    def _consider_winner(self, record: StateRecord) -> None:
-        pair = record.pair
-        assert pair is not None
-        holder = self._winners.get(pair)
-        if holder is None or self.events[holder].sort_key() < record.sort_key():
-            if holder is not None:
-                self._invalidate(self.events[holder].session_id)
-            self._winners[pair] = record.event_id
-
-    def _recompute_winner(self, pair: tuple[str, str]) -> None:
-        holder = self._winners.pop(pair, None)
+    def _recompute_winner(self, outer_key: str) -> None:
+        """The current value of a packed key: the server's current event if it is valid, else
+        nothing; where the server's word is not known yet, MSC3414's conflict rule among the
+        valid records."""
+        holder = self._winners.pop(outer_key, None)
         if holder is not None:
             self._invalidate(self.events[holder].session_id)
-        candidates = [rec for rec in self.events.values() if rec.pair == pair]
-        if candidates:
-            winner = max(candidates, key=StateRecord.sort_key)
-            self._winners[pair] = winner.event_id
+        winner: StateRecord | None = None
+        named = self.server_current.get(outer_key)
+        if named is not None:
+            rec = self.events.get(named)
+            if rec is not None and rec.pair is not None:
+                winner = rec
+        else:
+            candidates = [
+                self.events[eid]
+                for eid in self._by_outer.get(outer_key, ())
+                if self.events[eid].pair is not None
+            ]
+            if candidates:
+                winner = max(candidates, key=StateRecord.sort_key)
+        if winner is not None:
+            self._winners[outer_key] = winner.event_id
             self._invalidate(winner.session_id)
 
     def _invalidate(self, session_id: str) -> None:
@@ -178,8 +191,16 @@ class RoomLedger:
     # Questions ----------------------------------------------------------------------------------
 
     def is_current(self, record: StateRecord) -> bool:
-        pair = record.pair
-        return pair is not None and self._winners.get(pair) == record.event_id
+        return record.pair is not None and self._winners.get(record.outer_key) == record.event_id
+
+    def unreadable_current(self) -> list[str]:
+        """Packed keys whose current event (the server's word) the bot cannot use: not held
+        yet, or invalid. Nothing older is shared for them."""
+        return sorted(
+            key
+            for key, event_id in self.server_current.items()
+            if key not in self._winners and event_id in self.events
+        )
 
     def current_state(self) -> list[StateRecord]:
         """The room's current encrypted state, aesthetic types first."""
@@ -276,8 +297,14 @@ class RoomLedger:
                 for m in messages
                 if m.status == MessageStatus.REPLAY and m.msg_index is not None
             }
-            top = max(known)
-            gaps = tuple(i for i in range(safe_index, top + 1) if i not in known)
+            # A message not decrypted yet (the bot does not hold that index, or processing it
+            # failed) is an index the bot cannot vouch for.
+            unsure = {
+                m.msg_index
+                for m in messages
+                if m.status == MessageStatus.PENDING and m.msg_index is not None
+            }
+            gaps = _gaps(safe_index, known, unsure)
         return SessionFacts(
             session_id=session_id,
             kind=kind,
@@ -310,6 +337,25 @@ class RoomLedger:
             "state_only_sessions": kinds.count(SessionKind.STATE),
             "mixed_sessions": kinds.count(SessionKind.MIXED),
         }
+
+
+MAX_GAPS = 64
+
+
+def _gaps(safe_index: int, known: set[int], unsure: set[int]) -> tuple[int, ...]:
+    """Indices from the safe index up to the highest one seen that nothing vouches for (at
+    most MAX_GAPS of them: an index read from an attacker's ciphertext may be huge)."""
+    top = max(known | unsure)
+    found: list[int] = []
+    index = safe_index
+    for mark in sorted(i for i in known | {top + 1} if i >= safe_index):
+        while index < mark and len(found) < MAX_GAPS:
+            found.append(index)
+            index += 1
+        if len(found) >= MAX_GAPS:
+            break
+        index = mark + 1
+    return tuple(found)
 
 
 def _by_index(record: StateRecord) -> tuple[int, str]:

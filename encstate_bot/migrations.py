@@ -129,3 +129,28 @@ async def upgrade_v2(conn: Connection) -> None:
 @upgrade_table.register(description="How long each answer waited in the queue")
 async def upgrade_v3(conn: Connection) -> None:
     await conn.execute("ALTER TABLE encstate_audit ADD COLUMN waited_ms INTEGER")
+
+
+@upgrade_table.register(description="Wide integers, the server's current state, audit retention")
+async def upgrade_v4(conn: Connection, scheme: Scheme) -> None:
+    # A message index is a 32-bit varint from untrusted ciphertext, and a queue wait can exceed
+    # 2^31 ms: PostgreSQL's INTEGER overflowed on both. SQLite's INTEGER is 64 bits already.
+    if scheme != Scheme.SQLITE:
+        for table, column in (
+            ("encstate_state_event", "msg_index"),
+            ("encstate_message", "msg_index"),
+            ("encstate_audit", "msg_index"),
+            ("encstate_audit", "waited_ms"),
+            ("encstate_delivered", "msg_index"),
+            ("encstate_outbox", "attempts"),
+        ):
+            await conn.execute(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE BIGINT")
+    await conn.execute(
+        """CREATE TABLE encstate_current (
+            room_id   TEXT NOT NULL,
+            outer_key TEXT NOT NULL,
+            event_id  TEXT NOT NULL,
+            PRIMARY KEY (room_id, outer_key)
+        )"""
+    )
+    await conn.execute("CREATE INDEX encstate_audit_ts ON encstate_audit (ts)")

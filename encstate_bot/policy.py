@@ -5,10 +5,12 @@ the checks is the decision tree the README draws:
 
     bot not empowered in the room ............................ Ignore
     room policy "off" ......................................... Ignore
+    requester banned or kicked from the room .................. Withhold m.unauthorised
     requester not joined (nor invited/admitted, if allowed) ... Withhold m.unauthorised
     device unknown to the homeserver .......................... Ignore
     device blacklisted ........................................ Withhold m.blacklisted
     policy "cross-signed" and device not cross-signed ......... Withhold m.unverified
+      (cross-signed: by an identity trusted on first use; a changed identity does not count)
     session unknown / not yet held ............................ Withhold m.unavailable
     session only encrypts messages ............................ Withhold m.unauthorised
     session also encrypts messages (unless shared history) .... Withhold m.unauthorised
@@ -67,7 +69,12 @@ class Requester:
     invited_by_bot: bool = False
     device_known: bool = True
     blacklisted: bool = False
+    # cross-signed by the owner's identity, trusted on first use (or verified)
     cross_signed: bool = False
+    # the owner cross-signed it, but with an identity that changed since the bot first saw it
+    identity_changed: bool = False
+    # banned from this room, or kicked (left by someone else's hand): beats every admission
+    removed: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,33 +89,24 @@ class Share:
     reason: str
     exposed: tuple[str, ...] = ()  # superseded events still readable from this index
 
-    kind = "share"
-
 
 @dataclass(frozen=True)
 class Withhold:
     code: str
     reason: str
 
-    kind = "withhold"
-
 
 @dataclass(frozen=True)
 class Ignore:
     reason: str
 
-    kind = "ignore"
-
 
 Decision = Share | Withhold | Ignore
 
 
-def decide(
-    room: RoomFacts,
-    who: Requester,
-    session: SessionFacts,
-    held: HeldSession | None,
-) -> Decision:
+def admit_device(room: RoomFacts, who: Requester) -> Withhold | Ignore | None:
+    """The checks about the room and the device, whatever the session: None if this device may
+    hold the room's state keys. Also decides who gets the bot's own sessions."""
     if not room.empowered:
         return Ignore(
             f"the bot's power level {room.bot_level} does not exceed users_default "
@@ -117,6 +115,9 @@ def decide(
     if room.mode == Mode.OFF:
         return Ignore("the room's policy is off")
 
+    if who.membership == "ban" or who.removed:
+        how = "banned from" if who.membership == "ban" else "removed from"
+        return Withhold(protocol.UNAUTHORISED, f"{who.user_id} was {how} this room")
     if who.membership == "join":
         pass
     elif who.membership == "invite" and (room.share_with_invited or who.invited_by_bot):
@@ -132,9 +133,26 @@ def decide(
     if who.blacklisted:
         return Withhold(protocol.BLACKLISTED, "this device is blacklisted")
     if room.mode == Mode.CROSS_SIGNED and not who.cross_signed:
+        if who.identity_changed:
+            return Withhold(
+                protocol.UNVERIFIED,
+                f"{who.user_id}'s cross-signing identity changed since the bot first saw it",
+            )
         return Withhold(
             protocol.UNVERIFIED, "this room shares state keys only with cross-signed devices"
         )
+    return None
+
+
+def decide(
+    room: RoomFacts,
+    who: Requester,
+    session: SessionFacts,
+    held: HeldSession | None,
+) -> Decision:
+    refused = admit_device(room, who)
+    if refused is not None:
+        return refused
 
     if session.kind == SessionKind.UNKNOWN:
         return Withhold(protocol.UNAVAILABLE, "no encrypted state in this room uses this session")

@@ -53,6 +53,7 @@ UNVERIFIED = "m.unverified"
 NO_OLM = "m.no_olm"
 
 MAX_ID_LENGTH = 255
+MAX_JSON_INT = 2**53 - 1  # canonical JSON's range; larger values cannot be stored as BIGINT
 
 
 def withheld_content(
@@ -96,10 +97,6 @@ def split_packed_key(outer_key: str) -> tuple[str, str] | None:
     if not sep or not event_type:
         return None
     return event_type, state_key
-
-
-def pack_key(event_type: str, state_key: str) -> str:
-    return f"{event_type}:{state_key}"
 
 
 def _b64decode(data: str) -> bytes | None:
@@ -162,8 +159,32 @@ class EncryptedMessage:
     msg_index: int | None
 
 
+def storable(text: str) -> bool:
+    """Whether text can be stored as it is: PostgreSQL refuses NUL, and neither database
+    takes a lone surrogate (JSON lets an attacker send both)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def clean_text(value: Any, limit: int = MAX_ID_LENGTH) -> str | None:
+    """Untrusted text made storable and short, for records and reasons (None if not text)."""
+    if not isinstance(value, str):
+        return None
+    value = value[:limit]
+    if storable(value):
+        return value
+    return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+
+
 def _short_str(value: Any, limit: int = MAX_ID_LENGTH) -> str | None:
-    return value if isinstance(value, str) and 0 < len(value) <= limit else None
+    if isinstance(value, str) and 0 < len(value) <= limit and storable(value):
+        return value
+    return None
 
 
 def _megolm_fields(content: Any) -> tuple[str, str] | Invalid:
@@ -189,7 +210,7 @@ def _event_header(raw: Any, room_id: str | None) -> tuple[str, str, str, int] | 
     ts = raw.get("origin_server_ts")
     if not isinstance(room, str) or not event_id or not sender:
         return Invalid("missing room_id, event_id or sender")
-    if not isinstance(ts, int) or isinstance(ts, bool):
+    if not isinstance(ts, int) or isinstance(ts, bool) or abs(ts) > MAX_JSON_INT:
         return Invalid("missing or malformed origin_server_ts")
     return room, event_id, sender, ts
 
@@ -202,6 +223,8 @@ def parse_encrypted_state(raw: Any, room_id: str | None = None) -> EncryptedStat
     outer_key = raw.get("state_key")
     if not isinstance(outer_key, str):
         return Invalid("not a state event")
+    if _short_str(outer_key, 1000) is None:
+        return Invalid("state_key is empty, too long or not storable")
     fields = _megolm_fields(raw.get("content"))
     if isinstance(fields, Invalid):
         return fields
@@ -249,10 +272,12 @@ class ValidState:
 
 
 def load_payload(plaintext: str | bytes) -> dict | Invalid:
+    """Parse a decrypted payload. Never raises: deeply nested JSON (RecursionError) and
+    anything else the parser refuses come back as Invalid."""
     try:
         payload = json.loads(plaintext)
-    except (ValueError, UnicodeDecodeError):
-        return Invalid("decrypted payload is not JSON")
+    except (ValueError, UnicodeDecodeError, RecursionError, MemoryError):
+        return Invalid("decrypted payload is not JSON (or nests too deeply)")
     if not isinstance(payload, dict):
         return Invalid("decrypted payload is not an object")
     return payload
@@ -266,6 +291,8 @@ def validate_state_payload(payload: dict, room_id: str, outer_key: str) -> Valid
         return Invalid("room_id in the payload does not match the room")
     if not isinstance(inner_type, str) or not inner_type:
         return Invalid("payload has no type")
+    if not storable(inner_type) or (isinstance(inner_key, str) and not storable(inner_key)):
+        return Invalid("payload type or state_key has characters no store accepts")
     if inner_key is None:
         return Invalid("payload has no state_key (a message posing as state)")
     if not isinstance(inner_key, str):
@@ -278,15 +305,6 @@ def validate_state_payload(payload: dict, room_id: str, outer_key: str) -> Valid
     if inner_type in EXEMPT_TYPES:
         return Invalid(f"{inner_type} must never be encrypted")
     return ValidState(event_type=inner_type, state_key=inner_key, content=payload["content"])
-
-
-def is_message_payload(payload: dict, room_id: str) -> bool:
-    """True if a decrypted timeline payload is a genuine message, not replayed state."""
-    return (
-        "state_key" not in payload
-        and payload.get("room_id") == room_id
-        and isinstance(payload.get("type"), str)
-    )
 
 
 def shared_history_flag(content: Any) -> bool:

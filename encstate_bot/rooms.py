@@ -127,11 +127,22 @@ class RoomView:
         return _as_int(self._levels().state_default, 50)
 
     def state_level(self, event_type: str) -> int:
-        levels = self._levels()
-        try:
-            return int(levels.events.get(event_type, levels.state_default))
-        except (TypeError, ValueError, AttributeError, OverflowError):
-            return 50
+        """The power level needed to send ``event_type`` as state. Read from the raw content:
+        mautrix keys ``events`` by EventType objects, so a lookup by a plain string always
+        falls back to state_default (a level-0 type would look admin-only, and the reverse)."""
+        events = (self.power_levels or {}).get("events")
+        if isinstance(events, dict) and event_type in events:
+            value = events[event_type]
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str):
+                try:
+                    return int(value)
+                except ValueError:
+                    pass
+            # An unreadable level for this type: assume the strictest reading, never a lower one.
+            return max(self.state_default, 100)
+        return self.state_default
 
     def empowered(self, user_id: str) -> bool:
         return self.user_level(user_id) > self.users_default

@@ -167,7 +167,8 @@ class Store:
             "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) "
             "ON CONFLICT (room_id, event_id) DO UPDATE SET status=excluded.status, "
             "inner_type=excluded.inner_type, inner_key=excluded.inner_key, "
-            "reason=excluded.reason, message_payload=excluded.message_payload"
+            "reason=excluded.reason, message_payload=excluded.message_payload, "
+            "msg_index=excluded.msg_index, ciphertext=excluded.ciphertext"
         )
         async with self.db.acquire() as conn, conn.transaction():
             await conn.executemany(query, args)
@@ -213,7 +214,7 @@ class Store:
             "INSERT INTO encstate_message "
             "(room_id, event_id, session_id, msg_index, ciphertext, status) "
             "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (room_id, event_id) DO UPDATE SET "
-            "ciphertext=excluded.ciphertext, status=excluded.status"
+            "ciphertext=excluded.ciphertext, status=excluded.status, msg_index=excluded.msg_index"
         )
         async with self.db.acquire() as conn, conn.transaction():
             await conn.executemany(query, args)
@@ -234,6 +235,20 @@ class Store:
             )
             for r in rows
         ]
+
+    async def put_server_current(self, room_id: str, current: dict[str, str]) -> None:
+        """The events the homeserver's state holds now, per packed key."""
+        args = [(room_id, key, event_id) for key, event_id in current.items()]
+        async with self.db.acquire() as conn, conn.transaction():
+            await conn.executemany(
+                "INSERT INTO encstate_current (room_id, outer_key, event_id) VALUES ($1, $2, $3) "
+                "ON CONFLICT (room_id, outer_key) DO UPDATE SET event_id=excluded.event_id",
+                args,
+            )
+
+    async def server_current(self) -> list[tuple[str, str, str]]:
+        rows = await self.db.fetch("SELECT room_id, outer_key, event_id FROM encstate_current")
+        return [(r["room_id"], r["outer_key"], r["event_id"]) for r in rows]
 
     async def put_session_flag(
         self, room_id: str, session_id: str, shared_history: bool, received_from: str | None
@@ -333,6 +348,15 @@ class Store:
             )
             for r in rows
         ]
+
+    async def prune_audit(self, before_ms: int) -> int:
+        """Drop audit rows older than a time (the retention setting); returns how many."""
+        count = await self.db.fetchval(
+            "SELECT COUNT(*) FROM encstate_audit WHERE ts < $1", before_ms
+        )
+        if count:
+            await self.db.execute("DELETE FROM encstate_audit WHERE ts < $1", before_ms)
+        return count or 0
 
     async def answer_times(self, room_id: str | None, since_ms: int) -> list[int]:
         """How long answers to key requests waited, in ms, since a time."""

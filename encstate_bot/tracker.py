@@ -22,11 +22,12 @@ NewStateCallback = Callable[[str, set[str]], Awaitable[None]]
 
 
 class Decrypted:
-    __slots__ = ("plaintext", "index")
+    __slots__ = ("plaintext", "index", "sender_key")
 
-    def __init__(self, plaintext: str, index: int) -> None:
+    def __init__(self, plaintext: str, index: int, sender_key: str | None = None) -> None:
         self.plaintext = plaintext
         self.index = index
+        self.sender_key = sender_key  # the curve25519 key of the device that made the session
 
 
 MISSING = "missing"  # the bot does not hold the session
@@ -37,9 +38,11 @@ BAD = "bad"  # does not decrypt with the session it names
 class SessionSource:
     """Looks sessions up in the crypto store, once per session per batch."""
 
-    def __init__(self, crypto: Any) -> None:
+    def __init__(self, crypto: Any, own_user: str | None = None) -> None:
         self.crypto = crypto
+        self.own_user = own_user
         self._cache: dict[tuple[str, str], Any] = {}
+        self._owners: dict[str, set[str]] = {}
 
     async def get(self, room_id: str, session_id: str) -> Any:
         key = (room_id, session_id)
@@ -63,7 +66,28 @@ class SessionSource:
             return EARLY if "UNKNOWN_MESSAGE_INDEX" in str(e) else BAD
         except Exception:
             return BAD
-        return Decrypted(plaintext, index)
+        return Decrypted(plaintext, index, getattr(session, "sender_key", None))
+
+    async def device_keys(self, user_id: str) -> set[str]:
+        """The curve25519 keys of a user's devices (deleted ones included: a session made by a
+        device that is gone still belongs to that user), looked up once per batch."""
+        if user_id not in self._owners:
+            keys: set[str] = set()
+            if self.crypto is not None:
+                store = self.crypto.crypto_store
+                devices = await store.get_devices(user_id)
+                if devices is None:
+                    try:
+                        devices = (
+                            await self.crypto._fetch_keys([user_id], include_untracked=True)
+                        ).get(user_id, {})
+                    except Exception:
+                        devices = {}
+                keys = {d.identity_key for d in devices.values()}
+                if user_id == self.own_user:
+                    keys.add(self.crypto.account.identity_key)
+            self._owners[user_id] = keys
+        return self._owners[user_id]
 
 
 class Tracker:
@@ -73,6 +97,7 @@ class Tracker:
         crypto: Any,
         log: logging.Logger,
         on_new_state: NewStateCallback | None = None,
+        own_user: str | None = None,
     ) -> None:
         self.store = store
         self.crypto = crypto
@@ -82,6 +107,10 @@ class Tracker:
         self.ledgers: dict[str, RoomLedger] = {}
         self.shared_history: set[tuple[str, str]] = set()
         self.backfilled: set[str] = set()
+        # rooms whose latest events could not be recorded: (events, current) batches in order,
+        # retried before anything newer is written; nothing of such a room is shared meanwhile
+        self.backlog: dict[str, list[tuple[list[dict[str, Any]], bool]]] = {}
+        self.own_user = own_user
 
     # Loading ------------------------------------------------------------------------------------
 
@@ -95,11 +124,13 @@ class Tracker:
             self.ledger(rec.room_id).add_state(rec)
         for msg in await self.store.load_messages():
             self.ledger(msg.room_id).add_message(msg)
+        for room_id, outer_key, event_id in await self.store.server_current():
+            self.ledger(room_id).set_server_current(outer_key, event_id)
         self.shared_history = await self.store.shared_history_sessions()
 
     def session_source(self) -> SessionSource:
         """A per-batch view of the sessions the bot holds."""
-        return SessionSource(self.crypto)
+        return SessionSource(self.crypto, self.own_user)
 
     def view(self, room_id: str) -> RoomView:
         view = self.views.get(room_id)
@@ -132,55 +163,147 @@ class Tracker:
 
     # Encrypted events ---------------------------------------------------------------------------
 
-    async def ingest(self, room_id: str, raw_events: Iterable[dict[str, Any]]) -> set[str]:
+    def complete(self, room_id: str) -> bool:
+        """Whether every event the bot has seen in the room is recorded (nothing is shared
+        from a room whose newest evidence could not be written)."""
+        return room_id not in self.backlog
+
+    async def ingest(
+        self, room_id: str, raw_events: Iterable[dict[str, Any]], current: bool = False
+    ) -> set[str]:
         """Record encrypted state events and messages (in timeline order); returns the sessions
-        that gained valid state."""
+        that gained valid state. ``current``: the events are the room's state as the server
+        holds it now (sync, a rescan), so the last one of each packed key is its current event;
+        catch-up pages of older events are not.
+
+        Evidence is durable before it counts: the events are written (undecided) before the
+        ledger sees them. If that write fails the batch waits in the room's backlog, later
+        batches queue behind it, and the room shares nothing until all are written."""
+        batch = ([e for e in raw_events if isinstance(e, dict)], current)
+        waiting = self.backlog.get(room_id)
+        if waiting is not None:
+            waiting.append(batch)
+            return await self.flush(room_id)
+        try:
+            return await self._ingest(room_id, *batch)
+        except Exception as e:
+            self.log.error(
+                f"Could not record {len(batch[0])} event(s) of {room_id} ({type(e).__name__}: "
+                f"{e}); sharing nothing from it until they are recorded"
+            )
+            self.backlog[room_id] = [batch]
+            return set()
+
+    async def flush(self, room_id: str) -> set[str]:
+        """Write a room's backlog, oldest batch first; stops at the first that still fails."""
+        gained: set[str] = set()
+        batches = self.backlog.get(room_id, [])
+        while batches:
+            try:
+                gained |= await self._ingest(room_id, *batches[0])
+            except Exception as e:
+                self.log.warning(f"Still cannot record events of {room_id}: {e}")
+                return gained
+            batches.pop(0)
+        self.backlog.pop(room_id, None)
+        self.log.info(f"Recorded the backlog of {room_id}")
+        return gained
+
+    async def flush_all(self) -> None:
+        for room_id in list(self.backlog):
+            await self.flush(room_id)
+
+    async def _ingest(
+        self, room_id: str, raw_events: list[dict[str, Any]], current: bool
+    ) -> set[str]:
         states: list[StateRecord] = []
         messages: list[MessageRecord] = []
         ledger = self.ledger(room_id)
+        latest: dict[str, str] = {}  # packed key -> event id, when ``current``
+        seen: set[str] = set()
         for raw in raw_events:
             if raw.get("type") != "m.room.encrypted":
                 continue
             if "state_key" in raw:
+                if current and isinstance(raw.get("state_key"), str):
+                    event_id = raw.get("event_id")
+                    if isinstance(event_id, str) and protocol.storable(raw["state_key"]):
+                        latest[raw["state_key"]] = event_id
                 parsed = protocol.parse_encrypted_state(raw, room_id)
                 if isinstance(parsed, protocol.Invalid):
                     self.log.info(f"Skipping encrypted state in {room_id}: {parsed.reason}")
                     continue
-                rec = StateRecord(
-                    room_id=room_id,
-                    event_id=parsed.event_id,
-                    outer_key=parsed.outer_key,
-                    session_id=parsed.session_id,
-                    sender=parsed.sender,
-                    origin_ts=parsed.origin_ts,
-                    msg_index=parsed.msg_index,
-                    ciphertext=parsed.ciphertext,
-                    sender_key=parsed.sender_key,
-                    device_id=parsed.device_id,
+                if parsed.event_id in ledger.events or parsed.event_id in seen:
+                    continue
+                seen.add(parsed.event_id)
+                states.append(
+                    StateRecord(
+                        room_id=room_id,
+                        event_id=parsed.event_id,
+                        outer_key=parsed.outer_key,
+                        session_id=parsed.session_id,
+                        sender=parsed.sender,
+                        origin_ts=parsed.origin_ts,
+                        msg_index=parsed.msg_index,
+                        ciphertext=parsed.ciphertext,
+                        sender_key=parsed.sender_key,
+                        device_id=parsed.device_id,
+                    )
                 )
-                if ledger.add_state(rec):
-                    states.append(rec)
             else:
                 parsed_msg = protocol.parse_encrypted_message(raw, room_id)
                 if isinstance(parsed_msg, protocol.Invalid):
                     continue
-                msg = MessageRecord(
-                    room_id=room_id,
-                    event_id=parsed_msg.event_id,
-                    session_id=parsed_msg.session_id,
-                    msg_index=parsed_msg.msg_index,
-                    ciphertext=parsed_msg.ciphertext,
+                event_id = parsed_msg.event_id
+                if event_id in ledger.messages or event_id in ledger.events or event_id in seen:
+                    continue
+                seen.add(event_id)
+                messages.append(
+                    MessageRecord(
+                        room_id=room_id,
+                        event_id=event_id,
+                        session_id=parsed_msg.session_id,
+                        msg_index=parsed_msg.msg_index,
+                        ciphertext=parsed_msg.ciphertext,
+                    )
                 )
-                if ledger.add_message(msg):
-                    messages.append(msg)
-        if not states and not messages:
+        if not states and not messages and not latest:
             return set()
-        source = self.session_source()
-        states = [await self._settle_state(source, rec) for rec in states]
-        messages = [await self._settle_message(source, msg) for msg in messages]
+        # Write-ahead: undecided records (with their ciphertexts) reach the database before the
+        # ledger counts anything; a crash after this point re-decides them at the next start.
         await self.store.put_states(states)
         await self.store.put_messages(messages)
-        gained = {rec.session_id for rec in states if rec.status == Status.VALID}
+        if latest:
+            await self.store.put_server_current(room_id, latest)
+        for rec in states:
+            ledger.add_state(rec)
+        for msg in messages:
+            ledger.add_message(msg)
+        for outer_key, event_id in latest.items():
+            ledger.set_server_current(outer_key, event_id)
+        return await self._settle(room_id, states, messages)
+
+    async def _settle(
+        self, room_id: str, states: list[StateRecord], messages: list[MessageRecord]
+    ) -> set[str]:
+        """Decrypt and judge records (one failing record never stops the others: it stays
+        undecided, which shares nothing), persist the verdicts, announce new state."""
+        source = self.session_source()
+        settled_states = []
+        for rec in states:
+            try:
+                settled_states.append(await self._settle_state(source, rec))
+            except Exception:
+                self.log.exception(f"Could not judge {rec.event_id} in {room_id}")
+        settled_messages = []
+        for msg in messages:
+            try:
+                settled_messages.append(await self._settle_message(source, msg))
+            except Exception:
+                self.log.exception(f"Could not judge {msg.event_id} in {room_id}")
+        await self.store.put_states(settled_states)
+        await self.store.put_messages(settled_messages)
+        gained = {rec.session_id for rec in settled_states if rec.status == Status.VALID}
         if gained and self.on_new_state:
             await self.on_new_state(room_id, gained)
         return gained
@@ -190,27 +313,26 @@ class Tracker:
         ledger = self.ledgers.get(room_id)
         if ledger is None:
             return set()
-        source = self.session_source()
-        states = [
-            await self._settle_state(source, rec)
-            for rec in ledger.state_records(session_id)
-            if rec.status == Status.PENDING
-        ]
-        messages = [
-            await self._settle_message(source, msg) for msg in ledger.pending_messages(session_id)
-        ]
-        await self.store.put_states(states)
-        await self.store.put_messages(messages)
-        gained = {rec.session_id for rec in states if rec.status == Status.VALID}
+        states = [rec for rec in ledger.state_records(session_id) if rec.status == Status.PENDING]
+        messages = ledger.pending_messages(session_id)
+        if not states and not messages:
+            return set()
+        gained = await self._settle(room_id, states, messages)
         if states:
-            ok = sum(1 for r in states if r.status == Status.VALID)
+            ok = sum(1 for r in ledger.state_records(session_id) if r.status == Status.VALID)
             self.log.info(
-                f"Session {session_id} in {room_id} arrived: {ok} of {len(states)} waiting "
-                "state event(s) decrypted and valid"
+                f"Session {session_id} in {room_id}: {ok} of {len(states)} waiting state "
+                "event(s) decrypted and valid"
             )
-        if gained and self.on_new_state:
-            await self.on_new_state(room_id, gained)
         return gained
+
+    async def settle_pending(self) -> None:
+        """At start: decide what a crash left undecided (written ahead, never judged)."""
+        for room_id, ledger in list(self.ledgers.items()):
+            sessions = {rec.session_id for rec in ledger.pending_state()}
+            sessions |= {msg.session_id for msg in ledger.pending_messages()}
+            for session_id in sorted(sessions):
+                await self.session_received(room_id, session_id)
 
     async def _settle_state(self, source: SessionSource, rec: StateRecord) -> StateRecord:
         result = await source.decrypt(rec.room_id, rec.session_id, rec.ciphertext)
@@ -220,30 +342,44 @@ class Tracker:
         elif result == BAD or not isinstance(result, Decrypted):
             new = evolve(rec, status=Status.INVALID, reason="does not decrypt with its session")
         else:
-            new = self._validate(rec, result)
+            new = await self._validate(source, rec, result)
+        if new.status == Status.INVALID:
+            new = evolve(new, ciphertext="")  # decided: the ciphertext is not needed any more
         ledger.update_state(new)
         if new.status == Status.INVALID:
             self.log.info(f"Invalid encrypted state {rec.event_id} in {rec.room_id}: {new.reason}")
         return new
 
-    def _validate(self, rec: StateRecord, result: Decrypted) -> StateRecord:
+    async def _validate(
+        self, source: SessionSource, rec: StateRecord, result: Decrypted
+    ) -> StateRecord:
         payload = protocol.load_payload(result.plaintext)
         if isinstance(payload, protocol.Invalid):
             return evolve(
                 rec, status=Status.INVALID, reason=payload.reason, msg_index=result.index
             )
         checked = protocol.validate_state_payload(payload, rec.room_id, rec.outer_key)
-        inner_type = payload.get("type") if isinstance(payload.get("type"), str) else "?"
-        inner_key = payload.get("state_key")
         if isinstance(checked, protocol.Invalid):
             return evolve(
                 rec,
                 status=Status.INVALID,
                 reason=checked.reason,
                 msg_index=result.index,
-                inner_type=inner_type[:255],
-                inner_key=inner_key[:255] if isinstance(inner_key, str) else None,
+                inner_type=protocol.clean_text(payload.get("type")) or "?",
+                inner_key=protocol.clean_text(payload.get("state_key")),
                 message_payload="state_key" not in payload,
+            )
+        # MSC4362 state counts only from the session's owner: a moderator can re-post an old
+        # ciphertext of someone else's session as new state (a replay).
+        if not result.sender_key or result.sender_key not in await source.device_keys(rec.sender):
+            return evolve(
+                rec,
+                status=Status.INVALID,
+                reason=f"its session was not made by a device of the sender {rec.sender} "
+                "(a replayed ciphertext)",
+                msg_index=result.index,
+                inner_type=checked.event_type,
+                inner_key=checked.state_key,
             )
         view = self.view(rec.room_id)
         if not view.known:

@@ -420,6 +420,23 @@ class TestUser:
         event_id = await self.send_raw_message(room_id, wire)
         return SentEvent(event_id, session_id, index, ciphertext)
 
+    async def send_raw_plaintext(self, room_id: str, plaintext: str) -> SentEvent:
+        """Megolm-encrypt ``plaintext`` exactly as given (JSON or not, any shape) with the
+        current outbound session and send it as a timeline m.room.encrypted event."""
+        session = await self._outbound(room_id)
+        index = session.message_index
+        ciphertext = session.encrypt(plaintext)
+        await self.crypto.crypto_store.update_outbound_group_session(session)
+        content = {
+            "algorithm": MEGOLM,
+            "sender_key": self.crypto.account.identity_key,
+            "device_id": self.device_id,
+            "session_id": session.id,
+            "ciphertext": ciphertext,
+        }
+        event_id = await self.send_raw_message(room_id, content)
+        return SentEvent(event_id, session.id, index, ciphertext)
+
     async def send_raw_message(self, room_id: str, content: dict[str, Any]) -> str:
         resp = await self.client.api.request(
             Method.PUT,
@@ -507,6 +524,16 @@ class TestUser:
 
     async def has_session(self, room_id: str, session_id: str) -> bool:
         return await self.crypto.crypto_store.has_group_session(RoomID(room_id), session_id)
+
+    def sessions_from(self, room_id: str, sender_key: str) -> set[str]:
+        """The megolm sessions of this room this device holds that the device with this
+        curve25519 ``sender_key`` created (e.g. the bot's own seals)."""
+        held = self.crypto.crypto_store._inbound_sessions  # MemoryCryptoStore
+        return {
+            str(session_id)
+            for (held_room, session_id), session in held.items()
+            if held_room == room_id and session.sender_key == sender_key
+        }
 
     async def session_first_index(self, room_id: str, session_id: str) -> int | None:
         session = await self.crypto.crypto_store.get_group_session(RoomID(room_id), session_id)

@@ -46,12 +46,26 @@ def message(
     )
 
 
-class OneSessionCrypto:
-    """A stand-in for mautrix's OlmMachine that holds one megolm session."""
+class _Device:
+    def __init__(self, identity_key: str) -> None:
+        self.identity_key = identity_key
 
-    def __init__(self, session) -> None:
+
+class OneSessionCrypto:
+    """A stand-in for mautrix's OlmMachine that holds one megolm session, and knows the
+    devices of the users in ``owners`` (user -> curve25519 keys; by default the admin owns
+    the session's sender key)."""
+
+    def __init__(self, session, owners: dict[str, set[str]] | None = None) -> None:
         self.crypto_store = self
         self.session = session
+        if owners is None:
+            owners = {"@admin:example.org": {session.sender_key}}
+        self.owners = owners
 
     async def get_group_session(self, room_id, session_id):
         return self.session if session_id == self.session.id else None
+
+    async def get_devices(self, user_id):
+        keys = self.owners.get(user_id, set())
+        return {f"D{n}": _Device(key) for n, key in enumerate(sorted(keys))}

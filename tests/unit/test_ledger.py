@@ -68,12 +68,27 @@ def test_garbage_and_pending_claims_do_not_make_a_session_mixed() -> None:
     ledger = ledger_with(
         state("$name", "S", 0),
         message("$junk", "S", 7, MessageStatus.GARBAGE),
-        message("$wait", "S", 8, MessageStatus.PENDING),
         message("$copy", "S", 0, MessageStatus.REPLAY),
     )
     facts = ledger.facts("S")
     assert facts.kind == SessionKind.STATE
     assert facts.gaps == ()
+
+
+def test_a_message_not_decrypted_yet_in_a_held_state_session_is_a_gap() -> None:
+    # The bot holds S (it decrypted the name), so a message of S still pending means its
+    # processing failed: the bot cannot vouch for that index, and shares nothing past it.
+    ledger = ledger_with(state("$name", "S", 0), message("$wait", "S", 3, MessageStatus.PENDING))
+    facts = ledger.facts("S")
+    assert facts.kind == SessionKind.STATE
+    assert facts.gaps == (1, 2, 3)
+
+
+def test_a_huge_claimed_index_is_never_enumerated() -> None:
+    ledger = ledger_with(
+        state("$name", "S", 0), message("$wait", "S", 2**32 - 1, MessageStatus.PENDING)
+    )
+    assert len(ledger.facts("S").gaps) == 64
 
 
 def test_state_that_decrypts_to_a_message_is_evidence_of_messages() -> None:

@@ -24,6 +24,9 @@ class _Store:
     async def put_messages(self, records) -> None:
         pass
 
+    async def put_server_current(self, room_id, current) -> None:
+        pass
+
 
 async def test_state_seen_before_the_power_levels_waits_for_them() -> None:
     # What a restart can do: the first sync's timeline is processed before the rescan has read

@@ -1,0 +1,312 @@
+"""Security findings, each reproduced through the real homeserver with real E2EE clients.
+
+Every test asserts what a client device ends up holding (or is refused), or what the bot's
+database records; none reads the bot's log."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from mautrix.api import Method, Path
+from mautrix.types import DeviceID, EventType, UserID
+import olm
+
+from encstate_bot.ledger import MessageStatus
+from encstate_bot.store import Store
+from harness.client import TestUser, eventually
+from tests.integration.test_links import restricted_room, space
+
+NO_PUSH = {"push_on_join": False, "duplicate_window_seconds": 0}
+UNAUTHORISED = "m.unauthorised"
+
+
+# Helpers --------------------------------------------------------------------------------------
+
+
+async def answered(user: TestUser, room_id: str, session_id: str, timeout: float = 20) -> None:
+    """Wait until the device got a withheld notice for the session, or holds it."""
+
+    async def done() -> bool:
+        return bool(user.withheld_for(session_id)) or await user.has_session(room_id, session_id)
+
+    await eventually(done, timeout=timeout)
+
+
+async def message_recorded(
+    store: Store, event_id: str, status: MessageStatus | None = None, timeout: float = 20
+) -> Any:
+    """Wait until the bot's database has this timeline message (with ``status``, if given)."""
+
+    async def found() -> Any:
+        for rec in await store.load_messages():
+            if rec.event_id == event_id and (status is None or rec.status == status):
+                return rec
+        return None
+
+    return await eventually(found, timeout=timeout)
+
+
+async def mixed_name(world, admin: TestUser, bot, room_id: str, name: str) -> Any:
+    """Set the room name in a fresh session, then chat in that same session (a mixed session
+    the bot has seen decrypt a message)."""
+    await admin.new_session(room_id)
+    sent = await world.set_name(admin, bot, room_id, name)
+    chat = await admin.send_message(room_id, f"chat in the session of {name!r}")
+    assert chat.session_id == sent.session_id
+    await message_recorded(await world.store(bot), chat.event_id, MessageStatus.MESSAGE)
+    return sent
+
+
+async def state_event_id(user: TestUser, room_id: str, outer_key: str) -> str | None:
+    """The event ID of the room's current m.room.encrypted state event for ``outer_key``."""
+    state = await user.client.api.request(Method.GET, Path.v3.rooms[room_id].state)
+    for evt in state:
+        if evt.get("type") == "m.room.encrypted" and evt.get("state_key") == outer_key:
+            return evt["event_id"]
+    return None
+
+
+async def bot_identity_key(user: TestUser, bot) -> str:
+    device = await user.crypto.get_or_fetch_device(UserID(bot.user_id), DeviceID(bot.device_id))
+    assert device is not None, "the bot's device keys are not on the homeserver"
+    return str(device.identity_key)
+
+
+# Finding 02 -----------------------------------------------------------------------------------
+
+
+def poison_plaintext(room_id: str, depth: int = 5000) -> str:
+    """A megolm plaintext that is valid JSON, but nested deeper than Python's recursion limit."""
+    return (
+        '{"type":"m.room.message","room_id":"%s","content":{"body":"x","deep":' % room_id
+        + "[" * depth
+        + "]" * depth
+        + "}}"
+    )
+
+
+async def test_finding_02_a_poison_message_cannot_erase_mixed_evidence(world) -> None:
+    bot = await world.bot(config=NO_PUSH)
+    admin = await world.user("admin")
+    room = await world.room_with_bot(admin, bot)
+    await admin.new_session(room)
+    name = await world.set_name(admin, bot, room, "Nightingale")
+    # A timeline message in the name's own session: it decrypts, so the session is mixed.
+    poison = await admin.send_raw_plaintext(room, poison_plaintext(room))
+    assert poison.session_id == name.session_id
+
+    # Until a later message is in the bot's database, the sync that carried the poison may not
+    # have been processed. (Retried: a control in the same sync batch may be lost with it.)
+    store = await world.store(bot)
+    await admin.new_session(room)
+    for attempt in range(5):
+        await asyncio.sleep(1)
+        control = await admin.send_message(room, f"control {attempt}")
+        try:
+            await message_recorded(store, control.event_id, timeout=5)
+            break
+        except TimeoutError:
+            continue
+    else:
+        raise AssertionError("the bot recorded none of the control messages")
+
+    await world.restart(bot)
+    newcomer = await world.member("newcomer", admin, room)
+    await newcomer.request_key(room, name.session_id, bot.user_id, [bot.device_id])
+    await answered(newcomer, room, name.session_id)
+    assert not await newcomer.has_session(room, name.session_id), (
+        "the newcomer holds the name's session, which also encrypts a timeline message"
+    )
+    withheld = newcomer.withheld_for(name.session_id)
+    assert withheld and withheld[0]["code"] == UNAUTHORISED, withheld
+
+
+# Finding 03 -----------------------------------------------------------------------------------
+
+
+async def test_finding_03_banned_from_the_restricted_room_gets_nothing_through_the_allowed_room(
+    world,
+) -> None:
+    bot = await world.bot(config=NO_PUSH)
+    admin = await world.user("admin")
+    room_a = await space(world, admin, bot)
+    room_b = await restricted_room(world, admin, bot, room_a)
+    # The admin's first session in B goes to the bot alone, so members who join B later never
+    # get it from the admin: only the bot can hand it to them.
+    first = await admin.share_flagged_session(room_b, shared_history=False, recipients=[bot.user_id])
+    carol = await world.user("carol")
+    await carol.join(room_a)
+    await carol.join(room_b)  # admitted through A
+    dave = await world.user("dave")  # member of A only: the control
+    await dave.join(room_a)
+    name = await world.set_name(admin, bot, room_b, "Back office")
+    assert name.session_id == first
+    # A's members who are not in B get B's new name session (links work); Carol, in B, does not.
+    await eventually(lambda: dave.has_session(room_b, name.session_id))
+    assert not await carol.has_session(room_b, name.session_id)
+
+    await admin.client.ban_user(room_b, UserID(carol.user_id), "banned")
+    await world.wait_joined(admin, room_a, carol.user_id)  # still in A
+
+    # 1. Asking: refused, although she is still a member of the allowed room.
+    await carol.request_key(room_b, name.session_id, bot.user_id, [bot.device_id])
+    await answered(carol, room_b, name.session_id)
+    assert not await carol.has_session(room_b, name.session_id), (
+        "Carol, banned from B, got B's name session through A"
+    )
+    withheld = carol.withheld_for(name.session_id)
+    assert withheld and withheld[0]["code"] == UNAUTHORISED, withheld
+
+    # 2. Pushes: a new name session goes to A's members, but not to the banned Carol.
+    await admin.new_session(room_b)
+    renamed = await world.set_name(admin, bot, room_b, "Back office, renamed")
+    await eventually(lambda: dave.has_session(room_b, renamed.session_id))
+    await asyncio.sleep(1)  # a push to Carol would be in the same batch
+    assert not await carol.has_session(room_b, renamed.session_id), (
+        "B's new name session was pushed to Carol, who is banned from B"
+    )
+    assert carol.forwarded_for(renamed.session_id) == []
+
+
+# Finding 05 -----------------------------------------------------------------------------------
+
+
+async def test_finding_05_a_stranger_cannot_flag_a_session_as_shared_history(world) -> None:
+    bot = await world.bot(
+        config={
+            "allow_mixed_shared_history": True,
+            "push_on_join": False,
+            "duplicate_window_seconds": 0,
+        }
+    )
+    admin = await world.user("admin")
+    room = await world.room_with_bot(admin, bot)  # history_visibility "shared"
+    await admin.new_session(room)
+    name = await world.set_name(admin, bot, room, "Nightingale")
+    chat = await admin.send_message(room, "a message in the name's session")
+    assert chat.session_id == name.session_id
+    store = await world.store(bot)
+    await message_recorded(store, chat.event_id, MessageStatus.MESSAGE)
+    # The admin's client never flags its sessions shared-history: S is mixed and unflagged...
+    assert (room, name.session_id) not in await store.shared_history_sessions()
+    # ...so a newcomer is refused it.
+    early = await world.member("early", admin, room)
+    await early.request_key(room, name.session_id, bot.user_id, [bot.device_id])
+    await answered(early, room, name.session_id)
+    assert not await early.has_session(room, name.session_id)
+
+    # A user who is not even in the room forwards "S" to the bot, flagged shared-history.
+    stranger = await world.user("stranger")
+    bot_device = await stranger.crypto.get_or_fetch_device(
+        UserID(bot.user_id), DeviceID(bot.device_id)
+    )
+    own = olm.OutboundGroupSession()  # a session the stranger created himself
+    own_export = olm.InboundGroupSession(own.session_key).export_session(0)
+    as_admin = {
+        "algorithm": "m.megolm.v1.aes-sha2",
+        "room_id": room,
+        "sender_key": admin.crypto.account.identity_key,
+        "sender_claimed_ed25519_key": admin.crypto.account.signing_key,
+        "forwarding_curve25519_key_chain": [],
+        "shared_history": True,
+    }
+    forwards = [
+        # S with a garbage key
+        {**as_admin, "session_id": name.session_id, "session_key": "junk" * 40},
+        # S with real key material (of another session)
+        {**as_admin, "session_id": name.session_id, "session_key": own_export},
+        # the stranger's own session, valid, for this room
+        {
+            **as_admin,
+            "session_id": own.id,
+            "session_key": own_export,
+            "sender_key": stranger.crypto.account.identity_key,
+            "sender_claimed_ed25519_key": stranger.crypto.account.signing_key,
+        },
+    ]
+    for content in forwards:
+        await stranger.crypto.send_encrypted_to_device(
+            bot_device, EventType.FORWARDED_ROOM_KEY, content
+        )
+    # Barrier: the stranger's own key request, sent after the forwards, is answered (refused:
+    # not a member), so the bot has read the to-device stream past them.
+    await stranger.request_key(room, name.session_id, bot.user_id, [bot.device_id])
+    await answered(stranger, room, name.session_id)
+    await asyncio.sleep(1)
+
+    assert (room, name.session_id) not in await store.shared_history_sessions()
+    late = await world.member("late", admin, room)
+    await late.request_key(room, name.session_id, bot.user_id, [bot.device_id])
+    await answered(late, room, name.session_id)
+    assert not await late.has_session(room, name.session_id), (
+        "a stranger's forward made the mixed session S count as shared history"
+    )
+    withheld = late.withheld_for(name.session_id)
+    assert withheld and withheld[0]["code"] == UNAUTHORISED, withheld
+
+
+# Finding 07 -----------------------------------------------------------------------------------
+
+
+async def test_finding_07_reseal_follows_the_policy(world) -> None:
+    bot = await world.bot(config=NO_PUSH)
+    admin = await world.user("admin")
+    room = await world.room_with_bot(admin, bot)
+    bob = await world.member("bob", admin, room)  # an ordinary device, not cross-signed
+    carol = await world.user("carol")
+    await carol.crypto.generate_recovery_key()  # cross-signs this device
+    await admin.invite(room, carol.user_id)
+    await carol.join(room)
+    bot_key = await bot_identity_key(admin, bot)
+    users = {"admin": admin, "bob": bob, "carol": carol}
+
+    def seals() -> dict[str, set[str]]:
+        """Per user, the bot's own sessions of this room the device holds."""
+        return {label: u.sessions_from(room, bot_key) for label, u in users.items()}
+
+    assert seals() == {"admin": set(), "bob": set(), "carol": set()}
+
+    # 1. cross-signed: a reseal may share its new sessions only with cross-signed devices.
+    await mixed_name(world, admin, bot, room, "Nightingale")
+    await admin.command(room, "!encstate policy cross-signed", bot.user_id)
+    await admin.command(room, "!encstate reseal", bot.user_id)
+    try:  # Carol's cross-signed device may get them: once she does, all keys went out
+        await eventually(lambda: carol.sessions_from(room, bot_key), timeout=10)
+    except TimeoutError:
+        pass
+    await asyncio.sleep(1)
+    got = seals()
+    assert got["bob"] == set() and got["admin"] == set(), (
+        f"devices that are not cross-signed got the bot's resealed sessions: {got}"
+    )
+
+    async def reseal_changes_nothing(policy: str) -> None:
+        await mixed_name(world, admin, bot, room, f"Name under {policy}")
+        await admin.command(room, f"!encstate policy {policy}", bot.user_id)
+        before_seals = seals()
+        before_event = await state_event_id(admin, room, "m.room.name:")
+        try:  # the bot may not answer at all
+            await admin.command(room, "!encstate reseal", bot.user_id, timeout=10)
+        except TimeoutError:
+            pass
+
+        async def changed() -> bool:
+            return (
+                seals() != before_seals
+                or await state_event_id(admin, room, "m.room.name:") != before_event
+            )
+
+        try:
+            await eventually(changed, timeout=5)
+        except TimeoutError:
+            pass
+        assert seals() == before_seals, f"keys sent under policy {policy!r}"
+        assert await state_event_id(admin, room, "m.room.name:") == before_event, (
+            f"the room's encrypted name was replaced under policy {policy!r}"
+        )
+
+    # 2. off: nothing is shared, nothing resealed.
+    await reseal_changes_nothing("off")
+    # 3. dry run: decide and record, send nothing.
+    await reseal_changes_nothing("members --dry-run on")
