@@ -4,6 +4,7 @@ request intake, joins to the courier; nothing here decides or sends keys itself.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 import time
 from typing import Any, Awaitable, Callable
 
@@ -11,7 +12,7 @@ from maubot import Plugin
 from mautrix.api import Method, Path
 from mautrix.client import InternalEventType
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
-from mautrix.types import CrossSigner, EventType, ToDeviceEvent
+from mautrix.types import CrossSigner, EventType, RoomID, SessionID, ToDeviceEvent
 from mautrix.util.async_db import UpgradeTable
 from mautrix.util.config import BaseProxyConfig
 
@@ -116,6 +117,8 @@ class EncStateBot(Plugin):
             self.courier.start()
         self.resealer = Resealer(self)
         self.bundles = Bundles(self)
+        self._origins: OrderedDict[str, dict[str, Any] | None] = OrderedDict()
+        self.client.add_event_middleware(EventType.ROOM_MESSAGE, self._note_origin)
         self.register_handler_class(Commands(self))
         self.client.add_event_handler(
             InternalEventType.SYNC_SUCCESSFUL, self._on_sync, wait_sync=True
@@ -124,6 +127,7 @@ class EncStateBot(Plugin):
 
     async def stop(self) -> None:
         self.client.remove_event_handler(InternalEventType.SYNC_SUCCESSFUL, self._on_sync)
+        self.client.remove_event_middleware(EventType.ROOM_MESSAGE, self._note_origin)
         self._remove_crypto_hooks()
         for task in self._tasks:
             task.cancel()
@@ -160,7 +164,7 @@ class EncStateBot(Plugin):
                 self.log.warning(f"mautrix has no {name}; session arrival is polled instead")
                 continue
             self._patched[name] = original
-            setattr(crypto, name, self._wrap_key_receiver(original))
+            setattr(crypto, name, self._wrap_key_receiver(original, name == "_receive_room_key"))
 
     def _remove_crypto_hooks(self) -> None:
         crypto = self.client.crypto
@@ -173,6 +177,21 @@ class EncStateBot(Plugin):
                 delattr(crypto, name)
         self._patched = {}
 
+    async def _note_origin(self, evt: Any) -> bool:
+        """Remember how each ``!encstate`` message arrived (mautrix's decryption record: was
+        it encrypted, the sending device's trust, forwarded keys), for the command gate. The
+        event maubot hands to the command handler no longer carries it."""
+        body = getattr(getattr(evt, "content", None), "body", None)
+        if isinstance(body, str) and body.lstrip().startswith("!encstate"):
+            origin = evt.get("mautrix") if hasattr(evt, "get") else None
+            self._origins[str(evt.event_id)] = origin if isinstance(origin, dict) else None
+            while len(self._origins) > 1000:
+                self._origins.popitem(last=False)
+        return True
+
+    def command_origin(self, event_id: str) -> dict[str, Any] | None:
+        return self._origins.get(str(event_id))
+
     async def _own_requests_only(self, evt: Any) -> bool:
         return getattr(evt, "sender", None) == self.client.mxid
 
@@ -180,7 +199,9 @@ class EncStateBot(Plugin):
         extra = getattr(evt, "unrecognized_", None) or {}
         return getattr(evt, "state_key", None) is None and "state_key" not in extra
 
-    def _wrap_key_receiver(self, original: Callable[[Any], Awaitable[None]]):
+    def _wrap_key_receiver(self, original: Callable[[Any], Awaitable[None]], room_key: bool):
+        """``room_key``: the receiver of ``m.room_key`` (a creator's own key), not of forwards."""
+
         async def receive(evt: Any) -> None:
             await original(evt)
             try:
@@ -191,15 +212,34 @@ class EncStateBot(Plugin):
                 return
             if not self.tracker.tracked(room_id):
                 return
+            from_creator = room_key and await self._stored_from_creator(evt, room_id, session_id)
             await self.tracker.note_session(
                 room_id,
                 session_id,
-                protocol.shared_history_flag(raw),
+                from_creator and protocol.shared_history_flag(raw),
                 f"{evt.sender}/{getattr(evt, 'sender_device', None)}",
+                from_creator,
             )
             await self.tracker.session_received(room_id, session_id)
 
         return receive
+
+    async def _stored_from_creator(self, evt: Any, room_id: str, session_id: str) -> bool:
+        """Whether this to-device key is an ``m.room_key`` that the session's creator sent and
+        mautrix stored: only then may its ``shared_history`` flag count. A forwarded key, or
+        one mautrix refused (a session it already had, a mismatched id), says nothing."""
+        try:
+            stored = await self.client.crypto.crypto_store.get_group_session(
+                RoomID(room_id), SessionID(session_id)
+            )
+        except Exception:
+            return False
+        return (
+            stored is not None
+            and not stored.forwarding_chain
+            and stored.sender_key == getattr(evt, "sender_key", None)
+            and stored.first_known_index == 0
+        )
 
     # Sync ---------------------------------------------------------------------------------------
 

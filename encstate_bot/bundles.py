@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 from attr import dataclass
 from mautrix.crypto.attachments import encrypt_attachment
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
-from mautrix.types import EventType, TrustState
+from mautrix.types import EventType
 
 from . import protocol
 from .courier import BOT_INVITE
 from .ledger import SessionFacts, SessionKind
-from .policy import Requester, Share, decide
+from .policy import Requester, Share, Withhold, decide
 from .store import AuditRow, OutboxItem
 
 if TYPE_CHECKING:
@@ -61,21 +61,35 @@ class Bundles:
             return None
         return await self.send(room_id, user_id)
 
-    async def contents(self, room_id: str) -> tuple[list[dict], list[dict]]:
-        """The bundle for someone the bot invited: (room keys, withheld), from the policy."""
+    async def contents(self, room_id: str, user_id: str) -> tuple[list[dict], list[dict]]:
+        """The bundle for someone the bot invited: (room keys, withheld), from the policy, for
+        the membership the homeserver reports now (not the one the invite assumed), as a
+        cross-signed device (bundles go to no other). With dry run on it carries no keys."""
         bot = self.bot
         ledger = bot.tracker.ledgers.get(room_id)
         if ledger is None:
             return [], []
-        context = await bot.courier._room_context(room_id, [])
+        item = OutboxItem(room_id=room_id, user_id=user_id, trigger=BOT_INVITE)
+        context = await bot.courier._room_context(room_id, [item])
         source = bot.tracker.session_source()
-        who = Requester(user_id="", device_id="", membership="invite", invited_by_bot=True)
+        who = Requester(
+            user_id=user_id,
+            device_id="",
+            membership=context.memberships.get(user_id),
+            invited_by_bot=True,
+            cross_signed=True,
+            removed=user_id in context.removed,
+        )
         room_keys: list[dict] = []
         withheld: list[dict] = []
         for session_id in ledger.state_sessions():
             facts: SessionFacts = ledger.facts(session_id)
             group_session, held = await bot.courier._held(source, room_id, session_id)
             decision = decide(context.facts, who, facts, held)
+            if isinstance(decision, Share) and context.policy.dry_run:
+                decision = Withhold(
+                    protocol.UNAUTHORISED, f"dry run: would share from index {decision.index}"
+                )
             sender_key = group_session.sender_key if group_session is not None else ""
             if isinstance(decision, Share) and group_session is not None:
                 room_keys.append(
@@ -105,7 +119,7 @@ class Bundles:
 
     async def send(self, room_id: str, user_id: str) -> BundleReport:
         bot = self.bot
-        room_keys, withheld = await self.contents(room_id)
+        room_keys, withheld = await self.contents(room_id, user_id)
         blob = json.dumps({"room_keys": room_keys, "withheld": withheld}).encode()
         ciphertext, file = encrypt_attachment(blob)
         file.url = await bot.client.upload_media(
@@ -117,8 +131,8 @@ class Bundles:
         for device in devices.values():
             if device.deleted:
                 continue
-            trust = await bot.client.crypto.resolve_trust(device)
-            if trust >= TrustState.CROSS_SIGNED_UNTRUSTED:
+            cross_signed, _ = await bot.courier.trust(device)
+            if cross_signed:
                 targets.append(device)
         plan = [
             (device, event_type, content, (device, event_type))

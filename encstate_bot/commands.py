@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from maubot import MessageEvent
 from maubot.handlers import command
 from mautrix.errors import MatrixRequestError
-from mautrix.types import CrossSigner, EventID
+from mautrix.types import CrossSigner, EventID, EventType, RoomID, TrustState
 
 from .courier import Outcome
 from .ledger import SessionKind, Status
+from .own_sessions import encrypt_once
 from .policy import Ignore, Mode, Share, Withhold
 from .render import Reply, cell, short_id
 from .store import OutboxItem, RoomRow
@@ -39,7 +40,44 @@ HELP = [
     ("invite @user", "invite someone and send them a room key bundle (for Element users)"),
     ("reseal [--dry-run]", "re-encrypt current state in fresh sessions where no index can seal"),
 ]
-CHANGING = {"share", "policy", "reseal", "invite"}
+# Who may run what: "read" (read_only_commands), "manage" (state_default or a configured admin),
+# or "own": the command checks the power its action needs itself (invite: the room's invite
+# level; reseal: the power to send the state; state: an admin whose devices the policy allows).
+ACCESS = {
+    "help": "read",
+    "status": "read",
+    "audit": "read",
+    "links": "read",
+    "log": "read",
+    "state": "manage",
+    "policy": "manage",
+    "share": "manage",
+    "reseal": "own",
+    "invite": "own",
+}
+
+
+def origin_refusal(encrypted_room: bool, origin: dict[str, Any] | None, mode: Mode) -> str | None:
+    """Why a command's message must not be obeyed, from how it arrived (None: obey it). In an
+    encrypted room a command counts only encrypted, in a session made by a device of its sender
+    (not forwarded, not an unknown device, not blacklisted); under the cross-signed policy only
+    from a device cross-signed by an identity trusted on first use."""
+    if not encrypted_room:
+        return None
+    if not origin or not origin.get("was_encrypted"):
+        return "commands in this encrypted room must be sent encrypted"
+    trust = origin.get("trust_state")
+    if origin.get("forwarded_keys") or trust in (
+        TrustState.UNKNOWN_DEVICE,
+        TrustState.FORWARDED,
+        None,
+    ):
+        return "the message's session was not made by a device of its sender"
+    if trust == TrustState.BLACKLISTED:
+        return "the sending device is blacklisted"
+    if mode == Mode.CROSS_SIGNED and trust < TrustState.CROSS_SIGNED_TOFU:
+        return "this room takes commands only from cross-signed devices"
+    return None
 
 
 class UsageError(ValueError):
@@ -65,8 +103,10 @@ def ago(ts_ms: int, now_ms: int) -> str:
     return f"{seconds // 86400}d ago"
 
 
-def describe(decision: Any) -> tuple[str, str, str]:
+def describe(decision: Any, failed: bool = False) -> tuple[str, str, str]:
     """(decision, index or code, reason) for a table row."""
+    if failed:
+        return "failed", "", f"not delivered (sendToDevice failed): {decision.reason}"
     if isinstance(decision, Share):
         return "share", f"from {decision.index}", decision.reason
     if isinstance(decision, Withhold):
@@ -102,6 +142,35 @@ class Commands:
             return True
         return self.can_manage(room_id, user_id)
 
+    def refusal(self, evt: MessageEvent, name: str) -> str | None:
+        """Why this sender may not run this command here (None: they may)."""
+        room, user = evt.room_id, evt.sender
+        view = self.bot.tracker.view(room)
+        origin = origin_refusal(
+            view.encryption is not None,
+            self.bot.command_origin(evt.event_id),
+            self.bot.room_policy(room).mode,
+        )
+        if origin is not None:
+            return f"encstate did not act on this: {origin}."
+        access = ACCESS[name]
+        if access == "read" and not self.can_read(room, user):
+            return (
+                f"Sorry, {name} is for room admins (power level {view.state_default} or more) "
+                "and encstate's configured admins."
+            )
+        if access == "manage" and not self.can_manage(room, user):
+            return (
+                f"Sorry, {name} is for room admins (power level {view.state_default} or more) "
+                "and encstate's configured admins."
+            )
+        if name == "invite" and view.user_level(user) < view.invite_level:
+            return (
+                f"Sorry, inviting takes this room's invite power level {view.invite_level}; "
+                f"you have {view.user_level(user)}."
+            )
+        return None
+
     # Entry point --------------------------------------------------------------------------------
 
     @command.new(name="encstate", help="encrypted room state keys: !encstate help")
@@ -113,20 +182,10 @@ class Commands:
         if handler is None:
             await self.reply(evt, Reply().line(f"Unknown command {name!r}. Try !encstate help."))
             return
-        allowed = (
-            self.can_manage(evt.room_id, evt.sender)
-            if name in CHANGING
-            else self.can_read(evt.room_id, evt.sender)
-        )
-        if not allowed:
-            level = self.bot.tracker.view(evt.room_id).state_default
-            await self.reply(
-                evt,
-                Reply().line(
-                    f"Sorry, {name} is for room admins (power level {level} or more) and "
-                    "encstate's configured admins."
-                ),
-            )
+        refusal = self.refusal(evt, name)
+        if refusal is not None:
+            self.bot.log.info(f"Refused !encstate {name} from {evt.sender} in {evt.room_id}")
+            await self.reply(evt, Reply().line(refusal))
             return
         try:
             await handler(self, evt, words[1:])
@@ -145,7 +204,11 @@ class Commands:
         reply.table(
             ["command", "what it does"], [(f"!encstate {c}", h) for c, h in HELP], limit=120
         )
-        reply.line("share, policy and reseal need the room's state_default power level.")
+        reply.line(
+            "state, share and policy need the room's state_default power level; invite needs "
+            "its invite level and reseal the power to send the state. In an encrypted room the "
+            "bot obeys only encrypted commands from a device of the sender."
+        )
         await self.reply(evt, reply)
 
     async def status(self, evt: MessageEvent, args: list[str]) -> None:
@@ -409,7 +472,42 @@ class Commands:
                 )
             )
         reply.table(["type", "state key", "value", "sender", "session", "index"], rows)
-        await self.reply(evt, reply)
+        await self.private_reply(evt, reply)
+
+    async def private_reply(self, evt: MessageEvent, reply: Reply) -> None:
+        """A reply that carries decrypted values: encrypted in a session of its own whose key
+        goes only to the asking admin's devices that the room's policy would share state
+        with (the room's ordinary session reaches every device in the room)."""
+        bot, room = self.bot, evt.room_id
+        crypto = bot.client.crypto
+        if crypto is None:
+            await self.reply(evt, Reply().line("Decrypted values need end-to-end encryption."))
+            return
+        devices, refused, policy = await bot.courier.approved_devices(room, [evt.sender])
+        if policy.mode == Mode.OFF or not devices:
+            why = (
+                "the room's policy is off"
+                if policy.mode == Mode.OFF
+                else "; ".join(sorted({r.reason for r in refused})) or "you have no devices"
+            )
+            await self.reply(
+                evt,
+                Reply().line(
+                    f"Not showing decrypted values: none of your devices may read them ({why})."
+                ),
+            )
+            return
+        content = reply.content().serialize()
+        own = encrypt_once(
+            room,
+            {"type": "m.room.message", "content": content},
+            crypto.account.identity_key,
+            bot.client.device_id,
+        )
+        await bot.courier.send_room_keys(
+            room, [own.room_key], devices, "command", "the bot's own session for a reply"
+        )
+        await bot.client.send_message_event(RoomID(room), EventType.ROOM_ENCRYPTED, own.content)
 
     # Changing -----------------------------------------------------------------------------------
 
@@ -482,7 +580,7 @@ class Commands:
             reply.line("Nothing to decide: no devices, or no state sessions in this room.")
         rows = []
         for o in outcomes[:60]:
-            decision, detail, reason = describe(o.decision)
+            decision, detail, reason = describe(o.decision, o.failed)
             rows.append(
                 (o.item.user_id, o.device_id, short_id(o.session_id), decision, detail, reason)
             )

@@ -41,6 +41,7 @@ from .policy import (
     RoomFacts,
     Share,
     Withhold,
+    admit_device,
     decide,
 )
 from .store import AuditRow, OutboxItem, Store
@@ -731,21 +732,62 @@ class Courier:
             settle([in_flight, *claims, *made])
         return sent, failed, no_olm, calls
 
-    async def send_room_keys(
-        self, room_id: str, keys: list[dict[str, Any]], user_ids: list[str], trigger: str
-    ) -> tuple[int, int]:
-        """Send the bot's own megolm sessions (``m.room_key`` contents) to every device of
-        these users; audit and record each delivery. Returns (keys sent, devices)."""
+    async def approved_devices(
+        self, room_id: str, user_ids: list[str]
+    ) -> tuple[list[DeviceIdentity], list[AuditRow], RoomPolicy]:
+        """The devices of these users that may hold the bot's own sessions in this room (the
+        room and device checks of the policy, read fresh: membership, bans and kicks, power,
+        policy mode, blacklist, cross-signing), the refusals as audit rows, and the policy."""
+        items = [OutboxItem(room_id=room_id, user_id=u, trigger="own") for u in user_ids]
+        context = await self._room_context(room_id, items)
         devices = await self._devices(set(user_ids))
-        plan = []
-        for user_id in user_ids:
+        approved: list[DeviceIdentity] = []
+        refused: list[AuditRow] = []
+        for user_id in dict.fromkeys(user_ids):
             for device_id, device in devices.get(user_id, {}).items():
                 if device.deleted or (
                     user_id == self.client.mxid and device_id == self.client.device_id
                 ):
                     continue
-                for content in keys:
-                    plan.append((device, EventType.ROOM_KEY, content, (device, content)))
+                who = await self._requester(
+                    user_id, device_id, device, context.memberships, context.facts
+                )
+                if user_id in context.removed:
+                    who = evolve(who, removed=True)
+                refusal = admit_device(context.facts, who)
+                if refusal is None:
+                    approved.append(device)
+                    continue
+                refused.append(
+                    AuditRow(
+                        room_id=room_id,
+                        user_id=user_id,
+                        device_id=device_id,
+                        session_id=None,
+                        decision="withhold" if isinstance(refusal, Withhold) else "ignore",
+                        code=getattr(refusal, "code", None),
+                        reason=refusal.reason,
+                        trigger="own",
+                    )
+                )
+        return approved, refused, context.policy
+
+    async def send_room_keys(
+        self,
+        room_id: str,
+        keys: list[dict[str, Any]],
+        devices: list[DeviceIdentity],
+        trigger: str,
+        reason: str,
+    ) -> tuple[int, int]:
+        """Send the bot's own megolm sessions (``m.room_key`` contents) to these devices (the
+        caller chose them with ``approved_devices``); audit and record each delivery. Returns
+        (keys sent, devices)."""
+        plan = [
+            (device, EventType.ROOM_KEY, content, (device, content))
+            for device in devices
+            for content in keys
+        ]
 
         async def record(sent: list[tuple[DeviceIdentity, dict[str, Any]]]) -> None:
             rows = [
@@ -755,7 +797,7 @@ class Courier:
                     device_id=d.device_id,
                     session_id=c["session_id"],
                     decision="share",
-                    reason="the bot's own session for resealed state",
+                    reason=reason,
                     trigger=trigger,
                     msg_index=0,
                 )

@@ -83,9 +83,13 @@ class Reply:
         return "".join(self._html)
 
     def content(self) -> TextMessageEventContent:
-        return TextMessageEventContent(
+        content = TextMessageEventContent(
             msgtype=MessageType.NOTICE,
             body=self.plain,
             format=Format.HTML,
             formatted_body=self.html,
         )
+        # Replies echo what users typed ("@room", user IDs): an empty m.mentions tells clients
+        # that the bot means to mention nobody.
+        content["m.mentions"] = {}
+        return content

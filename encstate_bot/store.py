@@ -251,12 +251,25 @@ class Store:
         return [(r["room_id"], r["outer_key"], r["event_id"]) for r in rows]
 
     async def put_session_flag(
-        self, room_id: str, session_id: str, shared_history: bool, received_from: str | None
+        self,
+        room_id: str,
+        session_id: str,
+        shared_history: bool,
+        received_from: str | None,
+        from_creator: bool = False,
     ) -> None:
+        """Record a received session; only the creator's own ``m.room_key`` sets the flag (a
+        forward that came first must not pin it either way)."""
+        conflict = (
+            "DO UPDATE SET shared_history=excluded.shared_history, "
+            "received_from=excluded.received_from, received_ts=excluded.received_ts"
+            if from_creator
+            else "DO NOTHING"
+        )
         await self.db.execute(
             "INSERT INTO encstate_session "
             "(room_id, session_id, shared_history, received_from, received_ts) "
-            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (room_id, session_id) DO NOTHING",
+            f"VALUES ($1, $2, $3, $4, $5) ON CONFLICT (room_id, session_id) {conflict}",
             room_id,
             session_id,
             shared_history,

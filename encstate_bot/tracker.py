@@ -434,11 +434,22 @@ class Tracker:
     # Session flags and self-supply --------------------------------------------------------------
 
     async def note_session(
-        self, room_id: str, session_id: str, shared_history: bool, received_from: str | None
+        self,
+        room_id: str,
+        session_id: str,
+        shared_history: bool,
+        received_from: str | None,
+        from_creator: bool = False,
     ) -> None:
-        if shared_history:
+        """Remember where a session came from. Its shared-history flag is the creator's word
+        only: set from an ``m.room_key`` of the creator, never from a forward."""
+        if from_creator and shared_history:
             self.shared_history.add((room_id, session_id))
-        await self.store.put_session_flag(room_id, session_id, shared_history, received_from)
+        elif from_creator:
+            self.shared_history.discard((room_id, session_id))
+        await self.store.put_session_flag(
+            room_id, session_id, shared_history and from_creator, received_from, from_creator
+        )
 
     def missing_sessions(self) -> dict[tuple[str, str], StateRecord]:
         """State sessions the bot cannot decrypt yet, with one event naming each."""

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import time
+import uuid
 
+from maubot.matrix import MaubotMessageEvent
+from maubot.testing.bot import make_message
+from mautrix.types import EventType, TrustState
 import pytest
 
 from encstate_bot.ledger import MessageRecord, MessageStatus, StateRecord, Status
@@ -57,9 +61,23 @@ def record(event_id, session, index, event_type="m.room.name", ts=1000, **kw) ->
     )
 
 
-async def run(bot, plugin, text: str, sender: str = ADMIN):
+ENCRYPTED = {"was_encrypted": True, "trust_state": TrustState.UNVERIFIED, "forwarded_keys": False}
+
+
+async def send(bot, text: str, sender: str = ADMIN, origin: dict | None = ENCRYPTED) -> None:
+    """Dispatch a message as mautrix does after decrypting it (``origin``: its decryption
+    record; None for a plaintext message)."""
+    event = make_message(text, room_id=ROOM, sender=sender)
+    event.event_id = f"$cmd{uuid.uuid4().hex}"
+    wrapped = MaubotMessageEvent(event, bot.client)
+    if origin is not None:
+        wrapped["mautrix"] = dict(origin)
+    await bot.dispatch(EventType.ROOM_MESSAGE, wrapped)
+
+
+async def run(bot, plugin, text: str, sender: str = ADMIN, origin: dict | None = ENCRYPTED):
     bot.responded.clear()
-    await bot.send(text, room_id=ROOM, sender=sender)
+    await send(bot, text, sender, origin)
     assert bot.responded, f"no reply to {text!r}"
     content = bot.responded[-1].content
     return content.body, content.formatted_body
