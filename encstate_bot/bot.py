@@ -12,7 +12,16 @@ from maubot import Plugin
 from mautrix.api import Method, Path
 from mautrix.client import InternalEventType
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
-from mautrix.types import CrossSigner, EventType, RoomID, SessionID, ToDeviceEvent
+from mautrix.types import (
+    CrossSigner,
+    EventType,
+    IdentityKey,
+    RoomID,
+    SessionID,
+    ToDeviceEvent,
+    TrustState,
+    UserID,
+)
 from mautrix.util.async_db import UpgradeTable
 from mautrix.util.config import BaseProxyConfig
 
@@ -117,8 +126,7 @@ class EncStateBot(Plugin):
             self.courier.start()
         self.resealer = Resealer(self)
         self.bundles = Bundles(self)
-        self._origins: OrderedDict[str, dict[str, Any] | None] = OrderedDict()
-        self.client.add_event_middleware(EventType.ROOM_MESSAGE, self._note_origin)
+        self._origins: OrderedDict[str, str] = OrderedDict()  # event id -> megolm session
         self.register_handler_class(Commands(self))
         self.client.add_event_handler(
             InternalEventType.SYNC_SUCCESSFUL, self._on_sync, wait_sync=True
@@ -127,7 +135,6 @@ class EncStateBot(Plugin):
 
     async def stop(self) -> None:
         self.client.remove_event_handler(InternalEventType.SYNC_SUCCESSFUL, self._on_sync)
-        self.client.remove_event_middleware(EventType.ROOM_MESSAGE, self._note_origin)
         self._remove_crypto_hooks()
         for task in self._tasks:
             task.cancel()
@@ -177,27 +184,58 @@ class EncStateBot(Plugin):
                 delattr(crypto, name)
         self._patched = {}
 
-    async def _note_origin(self, evt: Any) -> bool:
-        """Remember how each ``!encstate`` message arrived (mautrix's decryption record: was
-        it encrypted, the sending device's trust, forwarded keys), for the command gate. The
-        event maubot hands to the command handler no longer carries it."""
-        body = getattr(getattr(evt, "content", None), "body", None)
-        if isinstance(body, str) and body.lstrip().startswith("!encstate"):
-            origin = evt.get("mautrix") if hasattr(evt, "get") else None
-            self._origins[str(evt.event_id)] = origin if isinstance(origin, dict) else None
-            while len(self._origins) > 1000:
+    def _note_encrypted(self, evt: Any) -> None:
+        """Remember which megolm session each encrypted timeline event came in, for the
+        command gate (maubot hands command handlers a copy of the decrypted event that no
+        longer says whether, or how, it was encrypted)."""
+        content = getattr(evt, "content", None)
+        session_id = getattr(content, "session_id", None)
+        if session_id:
+            self._origins[str(evt.event_id)] = str(session_id)
+            while len(self._origins) > 5000:
                 self._origins.popitem(last=False)
-        return True
 
-    def command_origin(self, event_id: str) -> dict[str, Any] | None:
-        return self._origins.get(str(event_id))
+    async def command_origin(self, room_id: str, event_id: str, sender: str) -> dict | None:
+        """How a command's message arrived: None if not encrypted, else whether its session
+        was forwarded and the trust of the device of ``sender`` that made it (UNKNOWN_DEVICE
+        when no device of the sender has the session's key)."""
+        session_id = self._origins.get(str(event_id))
+        crypto = self.client.crypto
+        if session_id is None or crypto is None:
+            return None
+        try:
+            session = await crypto.crypto_store.get_group_session(
+                RoomID(room_id), SessionID(session_id)
+            )
+        except Exception:
+            session = None
+        if session is None:
+            return {"was_encrypted": True, "trust_state": TrustState.UNKNOWN_DEVICE}
+        try:
+            device = await crypto.get_or_fetch_device_by_key(
+                UserID(sender), IdentityKey(session.sender_key)
+            )
+        except (MatrixRequestError, MatrixConnectionError):
+            device = None
+        if device is None or device.signing_key != session.signing_key:
+            trust = TrustState.UNKNOWN_DEVICE
+        else:
+            trust = await crypto.resolve_trust(device)
+        return {
+            "was_encrypted": True,
+            "trust_state": trust,
+            "forwarded_keys": bool(session.forwarding_chain),
+        }
 
     async def _own_requests_only(self, evt: Any) -> bool:
         return getattr(evt, "sender", None) == self.client.mxid
 
     async def _not_encrypted_state(self, evt: Any) -> bool:
         extra = getattr(evt, "unrecognized_", None) or {}
-        return getattr(evt, "state_key", None) is None and "state_key" not in extra
+        if getattr(evt, "state_key", None) is None and "state_key" not in extra:
+            self._note_encrypted(evt)
+            return True
+        return False
 
     def _wrap_key_receiver(self, original: Callable[[Any], Awaitable[None]], room_key: bool):
         """``room_key``: the receiver of ``m.room_key`` (a creator's own key), not of forwards."""

@@ -142,13 +142,13 @@ class Commands:
             return True
         return self.can_manage(room_id, user_id)
 
-    def refusal(self, evt: MessageEvent, name: str) -> str | None:
+    async def refusal(self, evt: MessageEvent, name: str) -> str | None:
         """Why this sender may not run this command here (None: they may)."""
         room, user = evt.room_id, evt.sender
         view = self.bot.tracker.view(room)
         origin = origin_refusal(
             view.encryption is not None,
-            self.bot.command_origin(evt.event_id),
+            await self.bot.command_origin(room, evt.event_id, user),
             self.bot.room_policy(room).mode,
         )
         if origin is not None:
@@ -182,7 +182,7 @@ class Commands:
         if handler is None:
             await self.reply(evt, Reply().line(f"Unknown command {name!r}. Try !encstate help."))
             return
-        refusal = self.refusal(evt, name)
+        refusal = await self.refusal(evt, name)
         if refusal is not None:
             self.bot.log.info(f"Refused !encstate {name} from {evt.sender} in {evt.room_id}")
             await self.reply(evt, Reply().line(refusal))
@@ -270,8 +270,25 @@ class Commands:
                     + ("shared as history" if policy.allow_mixed_shared_history else "never"),
                 ),
                 ("Bot device", f"{bot.client.device_id} ({await self._cross_signing()})"),
+                (
+                    "Identity changes, 24 hours",
+                    f"{await bot.store.identity_changes(room, since)} refusal(s) because a "
+                    "user's cross-signing identity changed since first seen",
+                ),
+                ("Audit kept", _retention(bot.config["audit_retention_days"])),
             ]
         )
+        unreadable = ledger.unreadable_current() if ledger else []
+        if unreadable:
+            reply.line(
+                "Current values the bot cannot read (nothing older is shared for them): "
+                + ", ".join(unreadable)
+            )
+        if not bot.tracker.complete(room):
+            reply.line(
+                "Recent events of this room could not be recorded yet: the bot shares nothing "
+                "from it until they are."
+            )
         if missing:
             asking = ", ".join(map(short_id, missing))
             reply.line(f"Sessions the bot is still asking for: {asking}")
@@ -646,6 +663,10 @@ class Commands:
         "reseal": reseal,
         "invite": invite,
     }
+
+
+def _retention(days: int) -> str:
+    return f"{days} day(s)" if days else "forever (audit_retention_days is 0)"
 
 
 def _yes(value: bool) -> str:

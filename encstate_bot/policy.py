@@ -117,7 +117,12 @@ def admit_device(room: RoomFacts, who: Requester) -> Withhold | Ignore | None:
 
     if who.membership == "ban" or who.removed:
         how = "banned from" if who.membership == "ban" else "removed from"
-        return Withhold(protocol.UNAUTHORISED, f"{who.user_id} was {how} this room")
+        state = who.membership or "not joined"
+        return Withhold(
+            protocol.UNAUTHORISED,
+            f"{who.user_id} is not a member ({state}): {how} this room, which no admission "
+            "through another room overrides",
+        )
     if who.membership == "join":
         pass
     elif who.membership == "invite" and (room.share_with_invited or who.invited_by_bot):

@@ -362,6 +362,15 @@ class Store:
             for r in rows
         ]
 
+    async def identity_changes(self, room_id: str, since_ms: int) -> int:
+        """Refusals because a user's cross-signing identity changed since first seen."""
+        return await self.db.fetchval(
+            "SELECT COUNT(*) FROM encstate_audit WHERE room_id=$1 AND ts >= $2 "
+            "AND reason LIKE '%cross-signing identity changed%'",
+            room_id,
+            since_ms,
+        )
+
     async def prune_audit(self, before_ms: int) -> int:
         """Drop audit rows older than a time (the retention setting); returns how many."""
         count = await self.db.fetchval(

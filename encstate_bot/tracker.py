@@ -321,8 +321,8 @@ class Tracker:
         if states:
             ok = sum(1 for r in ledger.state_records(session_id) if r.status == Status.VALID)
             self.log.info(
-                f"Session {session_id} in {room_id}: {ok} of {len(states)} waiting state "
-                "event(s) decrypted and valid"
+                f"Session {session_id} in {room_id} arrived: {ok} of {len(states)} waiting "
+                "state event(s) decrypted and valid"
             )
         return gained
 

@@ -200,6 +200,24 @@ class TestUser:
     async def stop(self) -> None:
         self.client.stop()
 
+    async def cross_sign(self) -> str:
+        """Give the account a cross-signing identity that signs this device; returns the
+        recovery key. mautrix's MemoryCryptoStore cannot store a cross-signing key it has seen
+        before (it assigns to a NamedTuple), which breaks this client's next key query of its
+        own user: this device's store gets a working put_cross_signing_key first."""
+        from mautrix.types import TOFUSigningKey
+
+        store = self.crypto.crypto_store
+
+        async def put_cross_signing_key(user_id: Any, usage: Any, key: Any) -> None:
+            keys = store._cross_signing_keys.setdefault(user_id, {})
+            current = keys.get(usage)
+            first = key if current is None else current.first
+            keys[usage] = TOFUSigningKey(key=key, first=first)
+
+        store.put_cross_signing_key = put_cross_signing_key
+        return await self.crypto.generate_recovery_key()
+
     # Talking to the bot ------------------------------------------------------------------------
 
     async def command(self, room_id: str, text: str, bot_user: str, timeout: float = 60) -> str:

@@ -64,20 +64,26 @@ def record(event_id, session, index, event_type="m.room.name", ts=1000, **kw) ->
 ENCRYPTED = {"was_encrypted": True, "trust_state": TrustState.UNVERIFIED, "forwarded_keys": False}
 
 
-async def send(bot, text: str, sender: str = ADMIN, origin: dict | None = ENCRYPTED) -> None:
-    """Dispatch a message as mautrix does after decrypting it (``origin``: its decryption
-    record; None for a plaintext message)."""
+async def send(
+    bot, plugin, text: str, sender: str = ADMIN, origin: dict | None = ENCRYPTED
+) -> None:
+    """Dispatch a message as mautrix does after decrypting it. ``origin``: how it arrived, as
+    the plugin would work it out from its megolm session (None: a plaintext message); the
+    maubot test bot has no crypto, so the test says it."""
     event = make_message(text, room_id=ROOM, sender=sender)
     event.event_id = f"$cmd{uuid.uuid4().hex}"
-    wrapped = MaubotMessageEvent(event, bot.client)
-    if origin is not None:
-        wrapped["mautrix"] = dict(origin)
-    await bot.dispatch(EventType.ROOM_MESSAGE, wrapped)
+
+    async def command_origin(room_id, event_id, user_id):
+        assert event_id == event.event_id and user_id == sender
+        return origin
+
+    plugin.command_origin = command_origin
+    await bot.dispatch(EventType.ROOM_MESSAGE, MaubotMessageEvent(event, bot.client))
 
 
 async def run(bot, plugin, text: str, sender: str = ADMIN, origin: dict | None = ENCRYPTED):
     bot.responded.clear()
-    await send(bot, text, sender, origin)
+    await send(bot, plugin, text, sender, origin)
     assert bot.responded, f"no reply to {text!r}"
     content = bot.responded[-1].content
     return content.body, content.formatted_body
