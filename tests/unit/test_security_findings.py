@@ -99,6 +99,16 @@ def topic(value: str) -> dict:
     return {"type": "m.room.topic", "state_key": "", "content": {"topic": value}, "room_id": ROOM}
 
 
+def admin_tracker() -> tuple[object, MemoryStore, Tracker]:
+    """A tracker on an in-memory store, in a room where the admin (level 100) owns a session."""
+    outbound, inbound = session_pair()
+    store = MemoryStore()
+    crypto = OneSessionCrypto(inbound, {ADMIN: {"curve-admin"}})
+    tracker = Tracker(store, crypto, logging.getLogger("test"))
+    room_view_events(tracker, {"users": {ADMIN: 100}})
+    return outbound, store, tracker
+
+
 def session_pair():
     outbound = olm.OutboundGroupSession()
     inbound = InboundGroupSession(outbound.session_key, "sig", "curve-admin", ROOM)
@@ -164,12 +174,7 @@ def test_finding_02_deeply_nested_json_is_invalid_not_an_exception() -> None:
 
 
 async def test_finding_02_a_poison_message_is_evidence_not_a_crash() -> None:
-    outbound, inbound = session_pair()
-    store = MemoryStore()
-    tracker = Tracker(
-        store, OneSessionCrypto(inbound, {ADMIN: {"curve-admin"}}), logging.getLogger("t")
-    )
-    room_view_events(tracker, {"users": {ADMIN: 100}})
+    outbound, store, tracker = admin_tracker()
     await tracker.ingest(
         ROOM,
         [
@@ -184,12 +189,7 @@ async def test_finding_02_a_poison_message_is_evidence_not_a_crash() -> None:
 
 
 async def test_finding_02_evidence_is_durable_before_the_room_shares_again() -> None:
-    outbound, inbound = session_pair()
-    store = MemoryStore()
-    tracker = Tracker(
-        store, OneSessionCrypto(inbound, {ADMIN: {"curve-admin"}}), logging.getLogger("t")
-    )
-    room_view_events(tracker, {"users": {ADMIN: 100}})
+    outbound, store, tracker = admin_tracker()
     name = {**topic("x"), "type": "m.room.name"}
     await tracker.ingest(ROOM, [encrypted(outbound, "$name", ADMIN, name, "m.room.name:")])
     store.fail = 1  # the database refuses the next write
