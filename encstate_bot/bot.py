@@ -69,6 +69,7 @@ class EncStateBot(Plugin):
         self._patched: dict[str, Any] = {}
         self._supply_asked: dict[tuple[str, str], tuple[float, int]] = {}
         self._pruned_at = 0.0
+        self._rooms_listed = False  # until the start-up rescan lists the joined rooms
         self._gained_at_start: dict[str, set[str]] = {}
         self._sync_seen = False
         self.ready = asyncio.Event()
@@ -114,7 +115,7 @@ class EncStateBot(Plugin):
             self.client.mxid,
             self.client.device_id,
             self.log.getChild("requests"),
-            joined=lambda room_id: room_id in self.pushes.joined or not self.ready.is_set(),
+            joined=lambda room_id: room_id in self.pushes.joined or not self._rooms_listed,
         )
         if self.client.crypto is None:
             self.log.error(
@@ -449,6 +450,7 @@ class EncStateBot(Plugin):
         started = time.monotonic()
         rooms = await self.client.get_joined_rooms()
         self.pushes.joined = set(rooms)
+        self._rooms_listed = True
         for room_id in rooms:
             try:
                 state = await self.client.api.request(Method.GET, Path.v3.rooms[room_id].state)

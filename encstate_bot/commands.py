@@ -146,8 +146,17 @@ class Commands:
         """Why this sender may not run this command here (None: they may)."""
         room, user = evt.room_id, evt.sender
         view = self.bot.tracker.view(room)
+        # Until the room's state is read (a start, a failed read), treat it as encrypted:
+        # the gate must fail closed. The client's own state store counts too.
+        state_store = getattr(self.bot.client, "state_store", None)
+        encrypted = view.encryption is not None or not view.known
+        if not encrypted and state_store is not None:
+            try:
+                encrypted = bool(await state_store.is_encrypted(RoomID(room)))
+            except Exception:
+                encrypted = True
         origin = origin_refusal(
-            view.encryption is not None,
+            encrypted,
             await self.bot.command_origin(room, evt.event_id, user),
             self.bot.room_policy(room).mode,
         )

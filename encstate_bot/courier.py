@@ -63,7 +63,7 @@ MEMBER_LOOKUP_LIMIT = 3  # above this many users in one room, list the room's me
 MAX_BACKOFF_MS = 5 * 60 * 1000
 # A queued item is dropped (and audited) after this many failed tries or this age: nothing a
 # user can queue lives forever.
-MAX_ATTEMPTS = 8
+MAX_ATTEMPTS = {True: 8, False: 300}  # requests; pushes (at most 5 min apart: about a day)
 MAX_AGE_MS = {True: 15 * 60 * 1000, False: 24 * 3600 * 1000}  # requests, pushes
 
 # Unasked pushes: never the same (device, session, index) twice. Requests and an admin's
@@ -849,7 +849,8 @@ class Courier:
     def _expired(item: OutboxItem) -> bool:
         """A queued item that failed too often or waited too long: dropped, never retried."""
         age = int(time.time() * 1000) - item.enqueued if item.enqueued else 0
-        return item.attempts + 1 >= MAX_ATTEMPTS or age > MAX_AGE_MS[lane_of(item) == REQUEST_LANE]
+        requests = lane_of(item) == REQUEST_LANE
+        return item.attempts + 1 >= MAX_ATTEMPTS[requests] or age > MAX_AGE_MS[requests]
 
     def _gave_up(self, item: OutboxItem) -> AuditRow:
         why = f"gave up after {item.attempts + 1} tries over {_waited(item) or 0} ms"
@@ -946,13 +947,15 @@ def _member_state(user_id: str, event: Any) -> tuple[str | None, bool]:
     ``format=event``, its bare content: then a leave counts as removed, to be safe)."""
     if not isinstance(event, dict):
         return None, False
-    content = event.get("content") if "content" in event else event
+    # A whole event has a type and a sender; bare content is what the user wrote, so a
+    # "content" key inside it means nothing.
+    whole = event.get("type") == "m.room.member" and isinstance(event.get("sender"), str)
+    content = event.get("content") if whole else event
     membership = content.get("membership") if isinstance(content, dict) else None
     if not isinstance(membership, str):
         return None, False
     if membership == "ban":
         return membership, True
     if membership == "leave":
-        sender = event.get("sender") if "content" in event else None
-        return membership, sender != user_id
+        return membership, not whole or event["sender"] != user_id
     return membership, False

@@ -196,8 +196,10 @@ def _megolm_fields(content: Any) -> tuple[str, str] | Invalid:
     ciphertext = content.get("ciphertext")
     if not session_id:
         return Invalid("missing or malformed session_id")
-    if not isinstance(ciphertext, str) or not ciphertext:
+    if not isinstance(ciphertext, str) or not ciphertext or not ciphertext.isascii():
         return Invalid("missing or malformed ciphertext")
+    if "\x00" in ciphertext or len(ciphertext) > 1_000_000:
+        return Invalid("malformed ciphertext")
     return session_id, ciphertext
 
 

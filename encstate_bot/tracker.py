@@ -22,14 +22,23 @@ NewStateCallback = Callable[[str, set[str]], Awaitable[None]]
 
 
 class Decrypted:
-    __slots__ = ("plaintext", "index", "sender_key")
+    __slots__ = ("plaintext", "index", "sender_key", "signing_key")
 
-    def __init__(self, plaintext: str, index: int, sender_key: str | None = None) -> None:
+    def __init__(
+        self,
+        plaintext: str,
+        index: int,
+        sender_key: str | None = None,
+        signing_key: str | None = None,
+    ) -> None:
         self.plaintext = plaintext
         self.index = index
-        self.sender_key = sender_key  # the curve25519 key of the device that made the session
+        # the curve25519 and ed25519 keys of the device that made the session
+        self.sender_key = sender_key
+        self.signing_key = signing_key
 
 
+MAX_BACKLOG_EVENTS = 10_000  # per room, waiting to be written
 MISSING = "missing"  # the bot does not hold the session
 EARLY = "early"  # the bot holds the session, but only from a later index
 BAD = "bad"  # does not decrypt with the session it names
@@ -42,7 +51,7 @@ class SessionSource:
         self.crypto = crypto
         self.own_user = own_user
         self._cache: dict[tuple[str, str], Any] = {}
-        self._owners: dict[str, set[str]] = {}
+        self._owners: dict[str, set[tuple[str, str]] | None] = {}
 
     async def get(self, room_id: str, session_id: str) -> Any:
         key = (room_id, session_id)
@@ -66,26 +75,35 @@ class SessionSource:
             return EARLY if "UNKNOWN_MESSAGE_INDEX" in str(e) else BAD
         except Exception:
             return BAD
-        return Decrypted(plaintext, index, getattr(session, "sender_key", None))
+        return Decrypted(
+            plaintext,
+            index,
+            getattr(session, "sender_key", None),
+            getattr(session, "signing_key", None),
+        )
 
-    async def device_keys(self, user_id: str) -> set[str]:
-        """The curve25519 keys of a user's devices (deleted ones included: a session made by a
-        device that is gone still belongs to that user), looked up once per batch."""
+    async def device_keys(self, user_id: str) -> set[tuple[str, str]] | None:
+        """The (curve25519, ed25519) key pairs of a user's devices as the crypto store knows
+        them, looked up once per batch; None if they could not be looked up (judged later).
+        Both keys must match a session: a curve25519 key is public, and anyone can upload a
+        device claiming someone else's."""
         if user_id not in self._owners:
-            keys: set[str] = set()
+            keys: set[tuple[str, str]] = set()
             if self.crypto is not None:
                 store = self.crypto.crypto_store
-                devices = await store.get_devices(user_id)
-                if devices is None:
-                    try:
+                try:
+                    devices = await store.get_devices(user_id)
+                    if devices is None:
                         devices = (
                             await self.crypto._fetch_keys([user_id], include_untracked=True)
                         ).get(user_id, {})
-                    except Exception:
-                        devices = {}
-                keys = {d.identity_key for d in devices.values()}
+                except Exception:
+                    self._owners[user_id] = None
+                    return None
+                keys = {(d.identity_key, d.signing_key) for d in devices.values()}
                 if user_id == self.own_user:
-                    keys.add(self.crypto.account.identity_key)
+                    account = self.crypto.account
+                    keys.add((account.identity_key, account.signing_key))
             self._owners[user_id] = keys
         return self._owners[user_id]
 
@@ -182,7 +200,10 @@ class Tracker:
         batch = ([e for e in raw_events if isinstance(e, dict)], current)
         waiting = self.backlog.get(room_id)
         if waiting is not None:
-            waiting.append(batch)
+            if sum(len(events) for events, _ in waiting) < MAX_BACKLOG_EVENTS:
+                waiting.append(batch)
+            # else: the room stays incomplete and nothing newer is written, so the catch-up at
+            # the next start reads these events again; memory stays bounded meanwhile.
             return await self.flush(room_id)
         try:
             return await self._ingest(room_id, *batch)
@@ -371,7 +392,15 @@ class Tracker:
             )
         # MSC4362 state counts only from the session's owner: a moderator can re-post an old
         # ciphertext of someone else's session as new state (a replay).
-        if not result.sender_key or result.sender_key not in await source.device_keys(rec.sender):
+        owners = await source.device_keys(rec.sender)
+        if owners is None:
+            return evolve(
+                rec,
+                status=Status.PENDING,
+                reason=f"could not look up the devices of {rec.sender}",
+                msg_index=result.index,
+            )
+        if (result.sender_key, result.signing_key) not in owners:
             return evolve(
                 rec,
                 status=Status.INVALID,

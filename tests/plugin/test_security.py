@@ -105,5 +105,27 @@ async def test_finding_13_under_cross_signed_only_cross_signed_devices_command(
 async def test_commands_in_an_unencrypted_room_need_no_encryption(
     maubot_test_bot, maubot_plugin
 ) -> None:
+    await levels(maubot_plugin)  # the room's state is read: no m.room.encryption
     body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate help", origin=None)
     assert "encstate commands" in body
+
+
+async def test_finding_13_the_gate_fails_closed_before_the_rooms_state_is_read(
+    maubot_test_bot, maubot_plugin
+) -> None:
+    # After a start, before the rescan reads the room (or when reading it failed), a plaintext
+    # command must not be obeyed: the room may well be encrypted.
+    body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate policy off", origin=None)
+    assert "must be sent encrypted" in body
+    assert maubot_plugin.room_policy(ROOM).mode.value == "members"
+
+
+async def test_finding_08_no_bundle_keys_while_the_rooms_events_are_unrecorded(
+    maubot_test_bot, maubot_plugin
+) -> None:
+    from .test_commands import record
+
+    await setup_room(maubot_plugin)
+    maubot_plugin.tracker.ledger(ROOM).add_state(record("$n", "S", 0))
+    maubot_plugin.tracker.backlog[ROOM] = [([], True)]
+    assert await maubot_plugin.bundles.contents(ROOM, MEMBER) == ([], [])

@@ -47,20 +47,21 @@ def message(
 
 
 class _Device:
-    def __init__(self, identity_key: str) -> None:
+    def __init__(self, identity_key: str, signing_key: str) -> None:
         self.identity_key = identity_key
+        self.signing_key = signing_key
 
 
 class OneSessionCrypto:
     """A stand-in for mautrix's OlmMachine that holds one megolm session, and knows the
-    devices of the users in ``owners`` (user -> curve25519 keys; by default the admin owns
-    the session's sender key)."""
+    devices of the users in ``owners`` (user -> (curve25519, ed25519) pairs; by default the
+    admin owns the session)."""
 
     def __init__(self, session, owners: dict[str, set[str]] | None = None) -> None:
         self.crypto_store = self
         self.session = session
         if owners is None:
-            owners = {"@admin:example.org": {session.sender_key}}
+            owners = {"@admin:example.org": {(session.sender_key, session.signing_key)}}
         self.owners = owners
 
     async def get_group_session(self, room_id, session_id):
@@ -68,4 +69,4 @@ class OneSessionCrypto:
 
     async def get_devices(self, user_id):
         keys = self.owners.get(user_id, set())
-        return {f"D{n}": _Device(key) for n, key in enumerate(sorted(keys))}
+        return {f"D{n}": _Device(*pair) for n, pair in enumerate(sorted(keys))}

@@ -103,7 +103,7 @@ def admin_tracker() -> tuple[object, MemoryStore, Tracker]:
     """A tracker on an in-memory store, in a room where the admin (level 100) owns a session."""
     outbound, inbound = session_pair()
     store = MemoryStore()
-    crypto = OneSessionCrypto(inbound, {ADMIN: {"curve-admin"}})
+    crypto = OneSessionCrypto(inbound, {ADMIN: {("curve-admin", "sig")}})
     tracker = Tracker(store, crypto, logging.getLogger("test"))
     room_view_events(tracker, {"users": {ADMIN: 100}})
     return outbound, store, tracker
@@ -138,7 +138,9 @@ def test_finding_01_per_type_power_levels_count() -> None:
 
 async def test_finding_01_a_members_topic_supersedes_the_admins_where_the_room_allows() -> None:
     outbound, inbound = session_pair()
-    crypto = OneSessionCrypto(inbound, {ADMIN: {"curve-admin"}, MEMBER: {"curve-admin"}})
+    crypto = OneSessionCrypto(
+        inbound, {ADMIN: {("curve-admin", "sig")}, MEMBER: {("curve-admin", "sig")}}
+    )
     tracker = Tracker(MemoryStore(), crypto, logging.getLogger("test"))
     room_view_events(
         tracker,
@@ -213,6 +215,23 @@ async def test_finding_02_evidence_is_durable_before_the_room_shares_again() -> 
     assert reloaded.facts(outbound.id).kind == SessionKind.MIXED
 
 
+def test_finding_02_a_ciphertext_no_database_stores_is_refused_at_parsing() -> None:
+    # Otherwise the write-ahead fails for good and the room never shares again (a jam).
+    for bad in ("AwgA\ud800", "AwgA\x00", "Awg\u00e9"):
+        raw = {
+            "type": "m.room.encrypted",
+            "event_id": "$e",
+            "sender": ADMIN,
+            "origin_server_ts": 1,
+            "content": {
+                "algorithm": protocol.MEGOLM_ALGORITHM,
+                "session_id": "S",
+                "ciphertext": bad,
+            },
+        }
+        assert isinstance(protocol.parse_encrypted_message(raw, ROOM), protocol.Invalid), bad
+
+
 def test_finding_02_indices_and_timestamps_fit_the_columns() -> None:
     import base64
 
@@ -251,12 +270,13 @@ def test_finding_03_a_ban_or_kick_beats_admission_through_an_allowed_room() -> N
 
 
 def test_finding_03_a_leave_sent_by_someone_else_is_a_removal() -> None:
-    kick = {"sender": ADMIN, "content": {"membership": "leave"}}
+    kick = {"type": "m.room.member", "sender": ADMIN, "content": {"membership": "leave"}}
     assert _member_state(MEMBER, kick) == ("leave", True)
-    assert _member_state(MEMBER, {"sender": MEMBER, "content": {"membership": "leave"}}) == (
-        "leave",
-        False,
-    )
+    left = {"type": "m.room.member", "sender": MEMBER, "content": {"membership": "leave"}}
+    assert _member_state(MEMBER, left) == ("leave", False)
+    # bare content (a server without format=event): what the user wrote cannot pose as an event
+    spoof = {"membership": "leave", "content": {"membership": "join"}}
+    assert _member_state(MEMBER, spoof) == ("leave", True)
     assert _member_state(MEMBER, {"membership": "ban"}) == ("ban", True)
     assert _member_state(MEMBER, {"membership": "leave"}) == ("leave", True)  # sender unknown
 
@@ -266,7 +286,9 @@ def test_finding_03_a_leave_sent_by_someone_else_is_a_removal() -> None:
 
 async def test_finding_04_a_replayed_ciphertext_is_not_state() -> None:
     outbound, inbound = session_pair()
-    crypto = OneSessionCrypto(inbound, {ADMIN: {"curve-admin"}, MOD: {"curve-mod"}})
+    crypto = OneSessionCrypto(
+        inbound, {ADMIN: {("curve-admin", "sig")}, MOD: {("curve-mod", "sig-mod")}}
+    )
     tracker = Tracker(MemoryStore(), crypto, logging.getLogger("test"))
     room_view_events(tracker, {"users": {ADMIN: 100, MOD: 50}})
     secret = encrypted(outbound, "$secret", ADMIN, topic("secret"), "m.room.topic:")
@@ -287,6 +309,22 @@ async def test_finding_04_a_replayed_ciphertext_is_not_state() -> None:
     assert ledger.events["$replay"].status == Status.INVALID
     assert "not made by a device of the sender" in ledger.events["$replay"].reason
     assert ledger.facts(outbound.id).safe_index == 1  # still never exported from 0
+
+
+async def test_finding_04_a_device_claiming_the_owners_curve_key_is_not_the_owner() -> None:
+    # A curve25519 key is public: a moderator can upload a device that claims the admin's,
+    # with an ed25519 key of their own. The session's signing key must match too.
+    outbound, inbound = session_pair()
+    crypto = OneSessionCrypto(
+        inbound, {ADMIN: {("curve-admin", "sig")}, MOD: {("curve-admin", "sig-mod")}}
+    )
+    tracker = Tracker(MemoryStore(), crypto, logging.getLogger("test"))
+    room_view_events(tracker, {"users": {ADMIN: 100, MOD: 50}})
+    secret = encrypted(outbound, "$secret", ADMIN, topic("secret"), "m.room.topic:")
+    await tracker.ingest(ROOM, [secret], current=True)
+    replay = {**secret, "event_id": "$replay", "sender": MOD}
+    await tracker.ingest(ROOM, [replay], current=True)
+    assert tracker.ledgers[ROOM].events["$replay"].status == Status.INVALID
 
 
 # 9 -----------------------------------------------------------------------------------------
@@ -361,11 +399,13 @@ def test_finding_10_queued_items_have_an_attempt_cap_and_an_age_limit() -> None:
     now = int(time.time() * 1000)
     fresh = OutboxItem(room_id=ROOM, user_id=MEMBER, trigger="request", enqueued=now)
     assert not Courier._expired(fresh)
-    assert Courier._expired(fresh.__class__(**{**fresh.__dict__, "attempts": MAX_ATTEMPTS}))
+    assert Courier._expired(fresh.__class__(**{**fresh.__dict__, "attempts": MAX_ATTEMPTS[True]}))
     old = OutboxItem(room_id=ROOM, user_id=MEMBER, trigger="request", enqueued=now - 25 * 86400000)
     assert Courier._expired(old)
     push = OutboxItem(room_id=ROOM, user_id=MEMBER, trigger="join", enqueued=now - 3600_000)
     assert not Courier._expired(push)
+    # a push retried through an hour of trouble in its room (5 min apart at most) is kept
+    assert not Courier._expired(push.__class__(**{**push.__dict__, "attempts": 20}))
 
 
 # The policy over every field ----------------------------------------------------------------
