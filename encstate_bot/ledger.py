@@ -124,7 +124,7 @@ class RoomLedger:
         self._state_by_session.setdefault(record.session_id, set()).add(record.event_id)
         self._by_outer.setdefault(record.outer_key, set()).add(record.event_id)
         self._invalidate(record.session_id)
-        self._recompute_winner(record.outer_key)
+        self._consider(record)
         return True
 
     def update_state(self, record: StateRecord) -> None:
@@ -136,7 +136,7 @@ class RoomLedger:
         if old is not None and old.outer_key != record.outer_key:
             self._recompute_winner(old.outer_key)
         self._invalidate(record.session_id)
-        self._recompute_winner(record.outer_key)
+        self._consider(record)
 
     def set_server_current(self, outer_key: str, event_id: str) -> None:
         """The homeserver's current state holds ``event_id`` for this packed key (MSC4362: it
@@ -159,6 +159,28 @@ class RoomLedger:
         self.messages[record.event_id] = record
         self._messages_by_session.setdefault(record.session_id, set()).add(record.event_id)
         self._invalidate(record.session_id)
+
+    def _consider(self, record: StateRecord) -> None:
+        """Update the current value of the record's key for this one record, in constant time
+        (a key can carry thousands of superseded values: recomputing from all of them on every
+        record made loading and rescans quadratic)."""
+        key = record.outer_key
+        holder = self._winners.get(key)
+        if key in self.server_current:
+            if self.server_current[key] == record.event_id or holder == record.event_id:
+                self._recompute_winner(key)  # the server names one event: no scan
+            return
+        if holder == record.event_id:
+            if record.pair is None:  # the current value stopped being valid: the rare scan
+                self._recompute_winner(key)
+            return
+        if record.pair is None:
+            return
+        if holder is None or self.events[holder].sort_key() < record.sort_key():
+            if holder is not None:
+                self._invalidate(self.events[holder].session_id)
+            self._winners[key] = record.event_id
+            self._invalidate(record.session_id)
 
     def _recompute_winner(self, outer_key: str) -> None:
         """The current value of a packed key: the server's current event if it is valid, else

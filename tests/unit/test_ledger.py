@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from encstate_bot.ledger import MessageStatus, RoomLedger, SessionKind, Status
@@ -159,3 +159,38 @@ def test_safe_index_never_exposes_superseded_values_below_it(events) -> None:
     assert facts.safe_index == min(r.msg_index for r in facts.current)
     for rec in facts.superseded:
         assert (rec in facts.exposed) == (rec.msg_index > facts.safe_index)
+
+
+@settings(max_examples=300)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["add", "validate", "invalidate", "server"]),
+            st.integers(0, 7),  # record
+            st.sampled_from(["m.room.name", "m.room.topic"]),
+            st.integers(0, 4),  # timestamp
+        ),
+        max_size=30,
+    )
+)
+def test_the_current_value_kept_as_records_arrive_equals_one_computed_afresh(steps) -> None:
+    """The ledger keeps each key's current value step by step; whatever the order of records,
+    verdicts and the server's word, it is what a recomputation from all records gives."""
+    ledger = RoomLedger(ROOM)
+    for action, n, event_type, ts in steps:
+        event_id = f"$e{n}"
+        if action == "add":
+            ledger.add_state(state(event_id, f"S{n}", 0, event_type, ts=ts, status=Status.PENDING))
+        elif action in ("validate", "invalidate") and event_id in ledger.events:
+            old = ledger.events[event_id]
+            status = Status.VALID if action == "validate" else Status.INVALID
+            kind = old.outer_key.rstrip(":")
+            ledger.update_state(
+                state(event_id, old.session_id, 0, kind, ts=old.origin_ts, status=status)
+            )
+        elif action == "server":
+            ledger.set_server_current(f"{event_type}:", event_id)
+    kept = {r.event_id for r in ledger.current_state()}
+    for key in set(ledger._by_outer) | set(ledger.server_current):
+        ledger._recompute_winner(key)
+    assert kept == {r.event_id for r in ledger.current_state()}
