@@ -193,7 +193,7 @@ class RoomLedger:
         named = self.server_current.get(outer_key)
         if named is not None:
             rec = self.events.get(named)
-            if rec is not None and rec.pair is not None:
+            if rec is not None and rec.pair is not None and rec.outer_key == outer_key:
                 winner = rec
         else:
             candidates = [
