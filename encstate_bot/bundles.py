@@ -190,7 +190,7 @@ class Bundles:
         if rule == "knock_restricted":
             via = None
             for allowed in bot.pushes.admitting_rooms(room_id):
-                member = await bot.courier.memberships(allowed, {user_id}, invited=False)
+                member = await bot.courier.memberships(allowed, {user_id})
                 if member.get(user_id) == "join":
                     via = allowed
                     break

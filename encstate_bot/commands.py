@@ -41,8 +41,8 @@ HELP = [
     ("reseal [--dry-run]", "re-encrypt current state in fresh sessions where no index can seal"),
 ]
 # Who may run what: "read" (read_only_commands), "manage" (state_default or a configured admin),
-# or "own": the command checks the power its action needs itself (invite: the room's invite
-# level; reseal: the power to send the state; state: an admin whose devices the policy allows).
+# or "own": the power the action itself needs, for everyone (invite: the room's invite level,
+# checked in refusal(); reseal: the power to send the state, checked by the resealer).
 ACCESS = {
     "help": "read",
     "status": "read",
@@ -163,12 +163,9 @@ class Commands:
         if origin is not None:
             return f"encstate did not act on this: {origin}."
         access = ACCESS[name]
-        if access == "read" and not self.can_read(room, user):
-            return (
-                f"Sorry, {name} is for room admins (power level {view.state_default} or more) "
-                "and encstate's configured admins."
-            )
-        if access == "manage" and not self.can_manage(room, user):
+        if (access == "read" and not self.can_read(room, user)) or (
+            access == "manage" and not self.can_manage(room, user)
+        ):
             return (
                 f"Sorry, {name} is for room admins (power level {view.state_default} or more) "
                 "and encstate's configured admins."

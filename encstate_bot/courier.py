@@ -314,9 +314,7 @@ class Courier:
         )
         return facts, policy
 
-    async def memberships(
-        self, room_id: str, user_ids: set[str], invited: bool = True
-    ) -> dict[str, str | None]:
+    async def memberships(self, room_id: str, user_ids: set[str]) -> dict[str, str | None]:
         """The homeserver's current word on these users' membership (None: never a member)."""
         return {u: m for u, (m, _) in (await self.member_states(room_id, user_ids)).items()}
 
@@ -378,7 +376,7 @@ class Courier:
         dry_run: bool = False,
     ) -> list[Outcome]:
         room_id, facts, policy = context.room_id, context.facts, context.policy
-        memberships, admitted = context.memberships, context.admitted
+        admitted = context.admitted
         ledger = self.tracker.ledgers.get(room_id)
         held_cache: dict[str, tuple[Any, HeldSession | None]] = {}
         outcomes: list[Outcome] = []
@@ -410,11 +408,7 @@ class Courier:
                     seen.add((item.user_id, device_id, session_id))
                     if item.user_id == self.client.mxid:
                         continue
-                    who = await self._requester(
-                        item.user_id, device_id, device, memberships, facts
-                    )
-                    if item.user_id in context.removed:
-                        who = evolve(who, removed=True)
+                    who = await self._requester(item.user_id, device_id, device, context)
                     if item.user_id in admitted:
                         who = evolve(who, admitted_via=admitted[item.user_id])
                     if item.trigger == BOT_INVITE:
@@ -471,7 +465,7 @@ class Courier:
                     wanted[via].add(item.user_id)
         admitted: dict[str, str] = {}
         for via, users in wanted.items():
-            members = await self.memberships(via, users, policy.share_with_invited)
+            members = await self.memberships(via, users)
             for user_id, membership in members.items():
                 if membership in accepted:
                     admitted.setdefault(user_id, via)
@@ -482,16 +476,16 @@ class Courier:
         user_id: str,
         device_id: str,
         device: DeviceIdentity | None,
-        memberships: dict[str, str | None],
-        facts: RoomFacts,
+        context: RoomContext,
     ) -> Requester:
         cross_signed = changed = False
-        if device is not None and facts.mode == Mode.CROSS_SIGNED:
+        if device is not None and context.facts.mode == Mode.CROSS_SIGNED:
             cross_signed, changed = await self.trust(device)
         return Requester(
             user_id=user_id,
             device_id=device_id,
-            membership=memberships.get(user_id),
+            membership=context.memberships.get(user_id),
+            removed=user_id in context.removed,
             device_known=device is not None,
             blacklisted=device is not None and device.trust == TrustState.BLACKLISTED,
             cross_signed=cross_signed,
@@ -550,18 +544,12 @@ class Courier:
         ]
         if withholds:
             await self._send_withheld(withholds)
-        retry = [i for i in items if i.id in failed_items]
-        expired = [i for i in retry if self._expired(i)]
-        gone = {i.id for i in expired}
-        retry = [i for i in retry if i.id not in gone]
-        rest = [
-            o
-            for o in outcomes
-            if id(o) not in recorded and (o.item.id not in failed_items or o.item.id in gone)
-        ]
-        done = [
-            i.id for i in items if i.id is not None and (i.id not in failed_items or i.id in gone)
-        ]
+        failed_queued = [i for i in items if i.id in failed_items]
+        expired = [i for i in failed_queued if self._expired(i)]
+        retry = [i for i in failed_queued if i not in expired]
+        waiting = {i.id for i in retry}
+        rest = [o for o in outcomes if id(o) not in recorded and o.item.id not in waiting]
+        done = [i.id for i in items if i.id is not None and i.id not in waiting]
         await self.store.finish(
             done, [self._audit_row(o) for o in rest] + [self._gave_up(i) for i in expired]
         )
@@ -749,11 +737,7 @@ class Courier:
                     user_id == self.client.mxid and device_id == self.client.device_id
                 ):
                     continue
-                who = await self._requester(
-                    user_id, device_id, device, context.memberships, context.facts
-                )
-                if user_id in context.removed:
-                    who = evolve(who, removed=True)
+                who = await self._requester(user_id, device_id, device, context)
                 refusal = admit_device(context.facts, who)
                 if refusal is None:
                     approved.append(device)

@@ -42,6 +42,10 @@ class Mode(str, Enum):
             raise ValueError(f"unknown policy {value!r}; use members, cross-signed or off") from e
 
 
+# The words every refusal for a changed cross-signing identity carries (the audit counts them).
+IDENTITY_CHANGED = "cross-signing identity changed"
+
+
 @dataclass(frozen=True)
 class RoomFacts:
     room_id: str
@@ -141,7 +145,7 @@ def admit_device(room: RoomFacts, who: Requester) -> Withhold | Ignore | None:
         if who.identity_changed:
             return Withhold(
                 protocol.UNVERIFIED,
-                f"{who.user_id}'s cross-signing identity changed since the bot first saw it",
+                f"{who.user_id}'s {IDENTITY_CHANGED} since the bot first saw it",
             )
         return Withhold(
             protocol.UNVERIFIED, "this room shares state keys only with cross-signed devices"

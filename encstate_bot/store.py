@@ -10,6 +10,7 @@ from attr import dataclass
 from mautrix.util.async_db import Database
 
 from .ledger import MessageRecord, MessageStatus, StateRecord, Status
+from .policy import IDENTITY_CHANGED
 
 
 def now_ms() -> int:
@@ -365,10 +366,10 @@ class Store:
     async def identity_changes(self, room_id: str, since_ms: int) -> int:
         """Refusals because a user's cross-signing identity changed since first seen."""
         return await self.db.fetchval(
-            "SELECT COUNT(*) FROM encstate_audit WHERE room_id=$1 AND ts >= $2 "
-            "AND reason LIKE '%cross-signing identity changed%'",
+            "SELECT COUNT(*) FROM encstate_audit WHERE room_id=$1 AND ts >= $2 AND reason LIKE $3",
             room_id,
             since_ms,
+            f"%{IDENTITY_CHANGED}%",
         )
 
     async def prune_audit(self, before_ms: int) -> int:

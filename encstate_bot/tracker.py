@@ -310,24 +310,29 @@ class Tracker:
         """Decrypt and judge records (one failing record never stops the others: it stays
         undecided, which shares nothing), persist the verdicts, announce new state."""
         source = self.session_source()
-        settled_states = []
-        for rec in states:
-            try:
-                settled_states.append(await self._settle_state(source, rec))
-            except Exception:
-                self.log.exception(f"Could not judge {rec.event_id} in {room_id}")
-        settled_messages = []
-        for msg in messages:
-            try:
-                settled_messages.append(await self._settle_message(source, msg))
-            except Exception:
-                self.log.exception(f"Could not judge {msg.event_id} in {room_id}")
+        settled_states = await self._judge(source, states, self._settle_state)
+        settled_messages = await self._judge(source, messages, self._settle_message)
         await self.store.put_states(settled_states)
         await self.store.put_messages(settled_messages)
         gained = {rec.session_id for rec in settled_states if rec.status == Status.VALID}
         if gained and self.on_new_state:
             await self.on_new_state(room_id, gained)
         return gained
+
+    async def _judge(
+        self,
+        source: SessionSource,
+        records: list,
+        settle: Callable[[SessionSource, Any], Awaitable],
+    ) -> list:
+        """Settle each record on its own: one that raises is logged and stays undecided."""
+        settled = []
+        for rec in records:
+            try:
+                settled.append(await settle(source, rec))
+            except Exception:
+                self.log.exception(f"Could not judge {rec.event_id} in {rec.room_id}")
+        return settled
 
     async def session_received(self, room_id: str, session_id: str) -> set[str]:
         """A session arrived: decrypt what was waiting for it."""
@@ -340,7 +345,7 @@ class Tracker:
             return set()
         gained = await self._settle(room_id, states, messages)
         if states:
-            ok = sum(1 for r in ledger.state_records(session_id) if r.status == Status.VALID)
+            ok = sum(1 for r in states if ledger.events[r.event_id].status == Status.VALID)
             self.log.info(
                 f"Session {session_id} in {room_id} arrived: {ok} of {len(states)} waiting "
                 "state event(s) decrypted and valid"

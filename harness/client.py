@@ -388,9 +388,12 @@ class TestUser:
         return session
 
     async def _encrypt(self, room_id: str, payload: dict[str, Any]) -> tuple[dict, str, int, str]:
+        return await self._encrypt_raw(room_id, json.dumps(payload))
+
+    async def _encrypt_raw(self, room_id: str, plaintext: str) -> tuple[dict, str, int, str]:
         session = await self._outbound(room_id)
         index = session.message_index
-        ciphertext = session.encrypt(json.dumps(payload))
+        ciphertext = session.encrypt(plaintext)
         await self.crypto.crypto_store.update_outbound_group_session(session)
         content = {
             "algorithm": MEGOLM,
@@ -441,19 +444,9 @@ class TestUser:
     async def send_raw_plaintext(self, room_id: str, plaintext: str) -> SentEvent:
         """Megolm-encrypt ``plaintext`` exactly as given (JSON or not, any shape) with the
         current outbound session and send it as a timeline m.room.encrypted event."""
-        session = await self._outbound(room_id)
-        index = session.message_index
-        ciphertext = session.encrypt(plaintext)
-        await self.crypto.crypto_store.update_outbound_group_session(session)
-        content = {
-            "algorithm": MEGOLM,
-            "sender_key": self.crypto.account.identity_key,
-            "device_id": self.device_id,
-            "session_id": session.id,
-            "ciphertext": ciphertext,
-        }
-        event_id = await self.send_raw_message(room_id, content)
-        return SentEvent(event_id, session.id, index, ciphertext)
+        wire, session_id, index, ciphertext = await self._encrypt_raw(room_id, plaintext)
+        event_id = await self.send_raw_message(room_id, wire)
+        return SentEvent(event_id, session_id, index, ciphertext)
 
     async def send_raw_message(self, room_id: str, content: dict[str, Any]) -> str:
         resp = await self.client.api.request(

@@ -33,6 +33,16 @@ async def answered(user: TestUser, room_id: str, session_id: str, timeout: float
     await eventually(done, timeout=timeout)
 
 
+async def refused(user: TestUser, bot, room_id: str, session_id: str, leak: str) -> None:
+    """The user asks the bot for the session: it must answer m.unauthorised and never give it
+    (``leak``: what it means if it did)."""
+    await user.request_key(room_id, session_id, bot.user_id, [bot.device_id])
+    await answered(user, room_id, session_id)
+    assert not await user.has_session(room_id, session_id), leak
+    withheld = user.withheld_for(session_id)
+    assert withheld and withheld[0]["code"] == UNAUTHORISED, withheld
+
+
 async def message_recorded(
     store: Store, event_id: str, status: MessageStatus | None = None, timeout: float = 20
 ) -> Any:
@@ -143,13 +153,13 @@ async def test_finding_02_a_poison_message_cannot_erase_mixed_evidence(world) ->
 
     await restart(bot)
     newcomer = await world.member("newcomer", admin, room)
-    await newcomer.request_key(room, name.session_id, bot.user_id, [bot.device_id])
-    await answered(newcomer, room, name.session_id)
-    assert not await newcomer.has_session(room, name.session_id), (
-        "the newcomer holds the name's session, which also encrypts a timeline message"
+    await refused(
+        newcomer,
+        bot,
+        room,
+        name.session_id,
+        "the newcomer holds the name's session, which also encrypts a timeline message",
     )
-    withheld = newcomer.withheld_for(name.session_id)
-    assert withheld and withheld[0]["code"] == UNAUTHORISED, withheld
 
 
 # Finding 03 -----------------------------------------------------------------------------------
@@ -185,13 +195,9 @@ async def test_finding_03_banned_from_the_restricted_room_gets_nothing_through_t
     await world.wait_joined(admin, room_a, carol.user_id)  # still in A
 
     # 1. Asking: refused, although she is still a member of the allowed room.
-    await carol.request_key(room_b, name.session_id, bot.user_id, [bot.device_id])
-    await answered(carol, room_b, name.session_id)
-    assert not await carol.has_session(room_b, name.session_id), (
-        "Carol, banned from B, got B's name session through A"
+    await refused(
+        carol, bot, room_b, name.session_id, "Carol, banned from B, got B's name session through A"
     )
-    withheld = carol.withheld_for(name.session_id)
-    assert withheld and withheld[0]["code"] == UNAUTHORISED, withheld
 
     # 2. Pushes: a new name session goes to A's members, but not to the banned Carol.
     await admin.new_session(room_b)
@@ -272,13 +278,13 @@ async def test_finding_05_a_stranger_cannot_flag_a_session_as_shared_history(wor
 
     assert (room, name.session_id) not in await store.shared_history_sessions()
     late = await world.member("late", admin, room)
-    await late.request_key(room, name.session_id, bot.user_id, [bot.device_id])
-    await answered(late, room, name.session_id)
-    assert not await late.has_session(room, name.session_id), (
-        "a stranger's forward made the mixed session S count as shared history"
+    await refused(
+        late,
+        bot,
+        room,
+        name.session_id,
+        "a stranger's forward made the mixed session S count as shared history",
     )
-    withheld = late.withheld_for(name.session_id)
-    assert withheld and withheld[0]["code"] == UNAUTHORISED, withheld
 
 
 # Finding 07 -----------------------------------------------------------------------------------

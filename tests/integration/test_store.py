@@ -80,3 +80,57 @@ async def test_queue_audit_and_delivery(store: Store) -> None:
     assert await store.delivered(["@a:x", "@c:x"]) == {("@a:x", "D", "S", 1)}
     (row,) = await store.audit(ROOM)
     assert row.exposed == ("$old",) and row.msg_index == 1 and row.id is not None
+
+
+async def test_finding_02_wide_indices_and_waits_fit_on_both_databases(store: Store) -> None:
+    # A message index is a 32-bit varint from untrusted ciphertext; PostgreSQL's INTEGER
+    # overflowed above 2^31 and failed the whole batch (migration v4 widens the columns).
+    top = 2**32 - 1
+    await store.put_messages([message("$m", "S", top, MessageStatus.GARBAGE)])
+    await store.put_states([state("$s", "S", top)])
+    await store.add_audit(
+        [
+            AuditRow(
+                room_id=ROOM,
+                user_id="@u:x",
+                device_id="D",
+                session_id="S",
+                decision="share",
+                reason="r",
+                trigger="request",
+                msg_index=top,
+                waited_ms=30 * 24 * 3600 * 1000,
+            )
+        ]
+    )
+    assert {m.msg_index for m in await store.load_messages()} == {top}
+    assert {r.msg_index for r in await store.load_states()} == {top}
+    (row,) = await store.audit(ROOM)
+    assert row.msg_index == top and row.waited_ms == 30 * 24 * 3600 * 1000
+
+
+async def test_server_current_identity_changes_retention_and_flags(store: Store) -> None:
+    await store.put_server_current(ROOM, {"m.room.name:": "$a"})
+    await store.put_server_current(ROOM, {"m.room.name:": "$b", "m.room.topic:": "$c"})
+    assert sorted(await store.server_current()) == [
+        (ROOM, "m.room.name:", "$b"),
+        (ROOM, "m.room.topic:", "$c"),
+    ]
+    row = AuditRow(
+        room_id=ROOM,
+        user_id="@u:x",
+        device_id="D",
+        session_id="S",
+        decision="withhold",
+        reason="@u:x's cross-signing identity changed since the bot first saw it",
+        trigger="request",
+    )
+    await store.add_audit([row, AuditRow(**{**row.__dict__, "reason": "other", "ts": 5})])
+    assert await store.identity_changes(ROOM, 0) == 1
+    assert await store.prune_audit(10) == 1
+    assert len(await store.audit(ROOM)) == 1
+    # a forward never sets (or pins) the shared-history flag; the creator's key does
+    await store.put_session_flag(ROOM, "S", False, "@mallory:x/D")
+    await store.put_session_flag(ROOM, "S", True, "@admin:x/A", from_creator=True)
+    await store.put_session_flag(ROOM, "S", False, "@mallory:x/D")
+    assert await store.shared_history_sessions() == {(ROOM, "S")}

@@ -486,3 +486,37 @@ def test_no_ban_kick_off_policy_or_powerless_bot_ever_yields_a_share(
 def test_tracker_runs_without_an_event_loop_helper() -> None:
     # the helpers above use asyncio through pytest-asyncio; keep the module importable alone
     assert asyncio.iscoroutinefunction(Tracker.ingest)
+
+
+# Trust threshold -----------------------------------------------------------------------------
+
+
+async def test_cross_signed_means_trusted_on_first_use_and_a_changed_identity_is_named() -> None:
+    from types import SimpleNamespace
+
+    from mautrix.types import TrustState
+
+    from encstate_bot.policy import IDENTITY_CHANGED, Withhold
+
+    async def resolve(trust):
+        return trust
+
+    courier = Courier.__new__(Courier)
+    courier.log = logging.getLogger("test")
+    device = SimpleNamespace(user_id=MEMBER, device_id="D")
+    courier.client = SimpleNamespace(crypto=SimpleNamespace(resolve_trust=None))
+    expected = {
+        TrustState.UNVERIFIED: (False, False),
+        TrustState.CROSS_SIGNED_UNTRUSTED: (False, True),  # a swapped-in identity
+        TrustState.CROSS_SIGNED_TOFU: (True, False),
+        TrustState.VERIFIED: (True, False),
+    }
+    for trust, result in expected.items():
+        courier.client.crypto.resolve_trust = lambda d, t=trust: resolve(t)
+        assert await courier.trust(device) == result, trust
+    room = RoomFacts(room_id=ROOM, bot_level=50, users_default=0, mode=Mode.CROSS_SIGNED)
+    who = Requester(user_id=MEMBER, device_id="D", membership="join", identity_changed=True)
+    ledger = RoomLedger(ROOM)
+    ledger.add_state(state("$name", "S", 0))
+    decision = decide(room, who, ledger.facts("S"), HeldSession(0))
+    assert isinstance(decision, Withhold) and IDENTITY_CHANGED in decision.reason
