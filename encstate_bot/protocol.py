@@ -217,6 +217,16 @@ def _event_header(raw: Any, room_id: str | None) -> tuple[str, str, str, int] | 
     return room, event_id, sender, ts
 
 
+def state_ref(raw: Any) -> tuple[str, str] | None:
+    """(outer state key, event ID) of a state event as the server holds it, whatever its
+    content (a redacted one included); None if either is not a short, storable string."""
+    if not isinstance(raw, dict):
+        return None
+    outer_key = _short_str(raw.get("state_key"), 1000)
+    event_id = _short_str(raw.get("event_id"))
+    return (outer_key, event_id) if outer_key and event_id else None
+
+
 def parse_encrypted_state(raw: Any, room_id: str | None = None) -> EncryptedState | Invalid:
     """Parse a raw ``m.room.encrypted`` event that carries a ``state_key``."""
     header = _event_header(raw, room_id)
@@ -225,7 +235,7 @@ def parse_encrypted_state(raw: Any, room_id: str | None = None) -> EncryptedStat
     outer_key = raw.get("state_key")
     if not isinstance(outer_key, str):
         return Invalid("not a state event")
-    if _short_str(outer_key, 1000) is None:
+    if state_ref(raw) is None:
         return Invalid("state_key is empty, too long or not storable")
     fields = _megolm_fields(raw.get("content"))
     if isinstance(fields, Invalid):

@@ -246,10 +246,9 @@ class Tracker:
             if raw.get("type") != "m.room.encrypted":
                 continue
             if "state_key" in raw:
-                if current and isinstance(raw.get("state_key"), str):
-                    event_id = raw.get("event_id")
-                    if isinstance(event_id, str) and protocol.storable(raw["state_key"]):
-                        latest[raw["state_key"]] = event_id
+                ref = protocol.state_ref(raw) if current else None
+                if ref is not None:
+                    latest[ref[0]] = ref[1]
                 parsed = protocol.parse_encrypted_state(raw, room_id)
                 if isinstance(parsed, protocol.Invalid):
                     self.log.info(f"Skipping encrypted state in {room_id}: {parsed.reason}")

@@ -65,7 +65,8 @@ class MemoryStore:
         self.messages.update({m.event_id: m for m in records})
 
     async def put_server_current(self, room_id, current) -> None:
-        pass
+        if not all(protocol.storable(t) for pair in current.items() for t in pair):
+            raise OSError("invalid byte sequence for encoding UTF8: 0x00")  # as PostgreSQL
 
 
 def room_view_events(tracker: Tracker, power_levels: dict) -> None:
@@ -230,6 +231,18 @@ def test_finding_02_a_ciphertext_no_database_stores_is_refused_at_parsing() -> N
             },
         }
         assert isinstance(protocol.parse_encrypted_message(raw, ROOM), protocol.Invalid), bad
+
+
+async def test_finding_02_an_event_id_no_database_stores_cannot_jam_a_room() -> None:
+    # The server's current state names its events; one the database refuses must not put the
+    # room in the backlog for good (nothing would be shared from it again).
+    outbound, store, tracker = admin_tracker()
+    name = {**topic("x"), "type": "m.room.name"}
+    raw = encrypted(outbound, "$name", ADMIN, name, "m.room.name:")
+    redacted = {**raw, "event_id": "$odd\x00", "content": {}}
+    await tracker.ingest(ROOM, [raw, redacted], current=True)
+    assert tracker.complete(ROOM)
+    assert [r.event_id for r in tracker.ledgers[ROOM].current_state()] == ["$name"]
 
 
 def test_finding_02_indices_and_timestamps_fit_the_columns() -> None:
