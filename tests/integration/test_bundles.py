@@ -172,3 +172,29 @@ async def test_the_bundle_withholds_mixed_sessions_and_every_message_carries_dev
             plaintext["keys"]["ed25519"], canonical, signatures[f"ed25519:{bot.device_id}"]
         )
         assert len(signatures) == 2, "no cross-signing signature"
+
+
+async def test_an_element_member_reads_the_resealed_name_live(world, js) -> None:
+    """Reseal hands its new sessions to members as the bot's own m.room_key, before the state:
+    Element's engine takes that key and shows the resealed name without a reload."""
+    bot = await world.bot(config={"push_on_join": False})
+    admin = await world.user("admin")
+    room = await world.room_with_bot(admin, bot)
+    await admin.new_session(room)
+    await world.set_name(admin, bot, room, "Nightingale")
+    chat = await admin.send_message(room, "a message in the name's session")  # mixed
+    await wait_message(world, bot, chat.event_id)
+    peer = await js("member")
+    await admin.invite(room, peer.user_id)
+    await peer.call("wait_invite", room=room)
+    await peer.call("join", room=room)
+    await world.wait_joined(admin, room, peer.user_id)
+    before = await peer.call("room", room=room)
+    assert before["nameState"] != "Nightingale", before  # the admin's session never reached it
+    await admin.command(room, "!encstate reseal", bot.user_id)
+    await admin.wait_for_edit(bot.user_id, room, "Resealed 1 value(s)")
+    state = await peer.call("wait_name", room=room, name="Nightingale", seconds=30, live=True)
+    assert state["nameState"] == "Nightingale" and state["readIn"] == "room state", (
+        state,
+        peer.log_tail(),
+    )
