@@ -36,7 +36,8 @@ from .policy import Mode
 from .pushes import Pushes, membership_changes
 from .ratelimit import RequestGate
 from .render import Reply, short_id
-from .reseal import Resealer
+from .sealer import Sealer
+from .seals import SealBook
 from .store import AuditRow, RoomRow, Store
 from .tracker import Tracker
 
@@ -77,9 +78,11 @@ class EncStateBot(Plugin):
         self.tracker = Tracker(
             self.store, self.client.crypto, self.log, self._on_new_state, self.client.mxid
         )
+        self.seals = SealBook()
         try:
             self.room_rows: dict[str, RoomRow] = {r.room_id: r for r in await self.store.rooms()}
             await self.tracker.load()
+            self.seals.load(await self.store.seals())
         except (OSError, ConnectionError) as e:
             self.log.critical(f"encstate cannot read its database: {type(e).__name__}: {e}")
             raise
@@ -91,6 +94,19 @@ class EncStateBot(Plugin):
             self.log.getChild("courier"),
             on_shared=self._notify_audit_room,
             admitting_rooms=lambda room_id: self.pushes.admitting_rooms(room_id),
+            seals=self.seals,
+            preview_types=lambda: self.config.preview_types,
+        )
+        self.sealer = Sealer(
+            self.client,
+            self.store,
+            self.tracker,
+            self.courier,
+            self.seals,
+            self.room_policy,
+            self.seal_on,
+            lambda: self.config.preview_types,
+            self.log.getChild("sealer"),
         )
         self.pushes = Pushes(
             self.client,
@@ -125,7 +141,7 @@ class EncStateBot(Plugin):
         else:
             self._install_crypto_hooks()
             self.courier.start()
-        self.resealer = Resealer(self)
+            self.sealer.start()
         self.bundles = Bundles(self)
         self._origins: OrderedDict[str, str] = OrderedDict()  # event id -> megolm session
         self.register_handler_class(Commands(self))
@@ -144,6 +160,7 @@ class EncStateBot(Plugin):
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
+        await self.sealer.stop()
         await self.courier.stop()
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> None:
@@ -363,6 +380,8 @@ class EncStateBot(Plugin):
                 links_changed = True
             elif changed and raw.get("type") in ("m.room.power_levels", "m.room.create"):
                 links_changed = True
+                if self.ready.is_set():
+                    self.sealer.mark(room_id)  # the bot may have gained the power to seal
         return links_changed
 
     # Start-up rescan, backfill and gap filling -----------------------------------------------
@@ -470,6 +489,9 @@ class EncStateBot(Plugin):
             await self.pushes.on_new_state(room_id, session_ids, skip=pushed)
         await self.pushes.reconcile(skip=pushed)
         self._gained_at_start = {}
+        for room_id in self.tracker.ledgers:
+            if room_id in rooms:
+                self.sealer.mark(room_id)  # what changed while the bot was away
         tracked = [r for r in rooms if self.tracker.tracked(r)]
         self.log.info(
             f"Rescanned {len(rooms)} room(s) in {time.monotonic() - started:.2f} s; "
@@ -601,7 +623,15 @@ class EncStateBot(Plugin):
             ),
         )
 
+    def seal_on(self, room_id: str) -> bool:
+        row = self.room_rows.get(room_id)
+        if row is not None and row.seal is not None:
+            return row.seal
+        return bool(self.config["seal.enabled"])
+
     async def _on_new_state(self, room_id: str, session_ids: set[str]) -> None:
+        if self.ready.is_set():
+            self.sealer.mark(room_id)
         await self.requests.session_arrived(room_id, session_ids)
         if self.ready.is_set():
             await self.pushes.on_new_state(room_id, session_ids)

@@ -4,8 +4,9 @@ Element Web and Element X take room keys from another user only as a bundle from
 invited them: the inviter uploads an encrypted blob of exported sessions, then sends each of the
 invitee's devices an Olm message pointing at it, from a cross-signed device whose Olm messages
 carry its device keys (MSC4147). So the bot invites (`!encstate invite`, approved knocks) and
-sends a bundle of the room's current state sessions, each exported from its safe index, with the
-sessions the policy refuses listed as withheld.
+sends a bundle of the room's seals (the bot's own sessions for the current values), with the
+sessions the policy refuses listed as withheld: sessions the bot did not create go only to
+joined members, never into a bundle for an invitee.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from mautrix.types import EventType
 
 from . import protocol
 from .courier import BOT_INVITE
-from .ledger import SessionFacts, SessionKind
-from .policy import Requester, Share, Withhold, decide
+from .policy import Requester, SealFacts, Share, Withhold, decide, decide_seal
+from .seals import is_preview
 from .store import AuditRow, OutboxItem
 
 if TYPE_CHECKING:
@@ -83,10 +84,21 @@ class Bundles:
         )
         room_keys: list[dict] = []
         withheld: list[dict] = []
-        for session_id in ledger.state_sessions():
-            facts: SessionFacts = ledger.facts(session_id)
+        seals = bot.courier.seals
+        live = {seal.session_id: seal for seal in seals.live(ledger)}
+        preview = bot.courier.preview_types()
+        others = [s for s in ledger.state_sessions() if not seals.is_seal(room_id, s)]
+        for session_id in list(live) + others:
+            seal = live.get(session_id)
             group_session, held = await bot.courier._held(source, room_id, session_id)
-            decision = decide(context.facts, who, facts, held)
+            if seal is not None:
+                decision = decide_seal(
+                    context.facts,
+                    who,
+                    SealFacts(seal.inner_type, is_preview(seal.inner_type, preview), True),
+                )
+            else:
+                decision = decide(context.facts, who, ledger.facts(session_id), held)
             if isinstance(decision, Share) and context.policy.dry_run:
                 decision = Withhold(
                     protocol.UNAUTHORISED, f"dry run: would share from index {decision.index}"
@@ -114,8 +126,6 @@ class Bundles:
                         room_id, session_id, sender_key, code, decision.reason
                     )
                 )
-            if facts.kind == SessionKind.MIXED and isinstance(decision, Share):
-                self.log.info(f"Bundle for {room_id} includes mixed session {session_id}")
         return room_keys, withheld
 
     async def send(self, room_id: str, user_id: str) -> BundleReport:

@@ -6,6 +6,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+from attr import evolve
 from maubot import MessageEvent
 from maubot.handlers import command
 from mautrix.errors import MatrixRequestError
@@ -38,11 +39,14 @@ HELP = [
     ),
     ("state", "the room's current encrypted state as the bot decrypts it"),
     ("invite @user", "invite someone and send them a room key bundle (for Element users)"),
-    ("reseal [--dry-run]", "re-encrypt current state in fresh sessions where no index can seal"),
+    ("seal", "which current values the bot has sealed (re-sent in a session of its own)"),
+    ("seal on|off", "turn sealing on or off in this room"),
+    ("seal now [--dry-run]", "seal every unsealed current value now (reseal does the same)"),
 ]
 # Who may run what: "read" (read_only_commands), "manage" (state_default or a configured admin),
 # or "own": the power the action itself needs, for everyone (invite: the room's invite level,
-# checked in refusal(); reseal: the power to send the state, checked by the resealer).
+# checked in refusal(); seal: read for showing, manage for on/off, and the power to send the
+# state for "now", checked by the handler).
 ACCESS = {
     "help": "read",
     "status": "read",
@@ -52,6 +56,7 @@ ACCESS = {
     "state": "manage",
     "policy": "manage",
     "share": "manage",
+    "seal": "own",
     "reseal": "own",
     "invite": "own",
 }
@@ -212,7 +217,7 @@ class Commands:
         )
         reply.line(
             "state, share and policy need the room's state_default power level; invite needs "
-            "its invite level and reseal the power to send the state. In an encrypted room the "
+            "its invite level and seal now the power to send the state. In an encrypted room the "
             "bot obeys only encrypted commands from a device of the sender."
         )
         await self.reply(evt, reply)
@@ -284,6 +289,12 @@ class Commands:
                 ("Audit kept", _retention(bot.config["audit_retention_days"])),
             ]
         )
+        if view.state_encrypted:
+            plan = await bot.sealer.plan(room)
+            reply.heading("Seals")
+            reply.facts(self._seal_facts(room, plan))
+            reply.heading("How newcomers get the keys")
+            reply.facts(self._entry_paths(room, plan))
         unreadable = ledger.unreadable_current() if ledger else []
         if unreadable:
             reply.line(
@@ -303,6 +314,40 @@ class Commands:
             reply.line("Links the bot cannot act on:")
             reply.bullets(f"{g.link.via} → {g.link.room_id}: {g.reason}" for g in gaps)
         await self.reply(evt, reply)
+
+    def _entry_paths(self, room_id: str, plan: Any) -> list[tuple[str, str]]:
+        """Which clients each way into the room reaches, as things stand."""
+        bot = self.bot
+        everyone = "every client (the bot's own m.room_key, before the event)"
+        mautrix_only = "mautrix-style clients only (forwarded keys; Element drops them): " + (
+            plan.problem or "values not sealed yet"
+        )
+        sealed_all = plan.total > 0 and plan.sealed == plan.total
+        joined = everyone if sealed_all else mautrix_only
+        preview = (
+            "the preview seals (name, topic, avatar), every client"
+            if sealed_all
+            else "nothing until the values are sealed"
+        )
+        paths = [
+            ("Join (public, restricted, knock)", joined),
+            ("Invited by anyone", preview),
+        ]
+        if bot.pushes.graph.allowed(room_id):
+            paths.append(("Member of an admitting room", preview))
+        paths.append(
+            (
+                "!encstate invite, approved knock",
+                "a room key bundle with the seals (Element) and the seals as m.room_key",
+            )
+        )
+        paths.append(
+            (
+                "Invited by an Element user",
+                "their own client's bundle carries the seals it holds (shared history)",
+            )
+        )
+        return paths
 
     def _missing_sessions(self, room_id: str) -> list[str]:
         ledger = self.bot.tracker.ledgers.get(room_id)
@@ -407,7 +452,9 @@ class Commands:
         if not found:
             reply.line("No exposure found: every state session is state-only and sealed.")
         elif mixed or exposed:
-            reply.line("!encstate reseal re-encrypts the current state in fresh sessions.")
+            reply.line(
+                "!encstate seal now re-sends the current state in sessions of the bot's own."
+            )
         await self.reply(evt, reply)
 
     async def links(self, evt: MessageEvent, args: list[str]) -> None:
@@ -492,9 +539,10 @@ class Commands:
                     rec.sender,
                     short_id(rec.session_id),
                     rec.msg_index,
+                    "yes" if self.bot.seals.sealed(ledger, rec) else "no",
                 )
             )
-        reply.table(["type", "state key", "value", "sender", "session", "index"], rows)
+        reply.table(["type", "state key", "value", "sender", "session", "index", "sealed"], rows)
         await self.private_reply(evt, reply)
 
     async def private_reply(self, evt: MessageEvent, reply: Reply) -> None:
@@ -506,7 +554,8 @@ class Commands:
         if crypto is None:
             await self.reply(evt, Reply().line("Decrypted values need end-to-end encryption."))
             return
-        devices, refused, policy = await bot.courier.approved_devices(room, [evt.sender])
+        approved, refused, policy = await bot.courier.approved_devices(room, [evt.sender])
+        devices = [a.device for a in approved if a.membership == "join"]
         if policy.mode == Mode.OFF or not devices:
             why = (
                 "the room's policy is off"
@@ -528,7 +577,10 @@ class Commands:
             bot.client.device_id,
         )
         await bot.courier.send_room_keys(
-            room, [own.room_key], devices, "command", "the bot's own session for a reply"
+            room,
+            [(device, own.room_key) for device in devices],
+            "command",
+            "the bot's own session for a reply",
         )
         await bot.client.send_message_event(RoomID(room), EventType.ROOM_ENCRYPTED, own.content)
 
@@ -560,13 +612,8 @@ class Commands:
             changed = True
         if changed:
             await bot.store.set_room_policy(room, mode, invited, dry_run)
-            bot.room_rows[room] = RoomRow(
-                room_id=room,
-                state_flag=row.state_flag if row else None,
-                backfilled=row.backfilled if row else False,
-                mode=mode,
-                share_invited=invited,
-                dry_run=dry_run,
+            bot.room_rows[room] = _row_with(
+                room, row, mode=mode, share_invited=invited, dry_run=dry_run
             )
             bot.log.info(f"{evt.sender} set the policy of {room}: {mode} {invited} {dry_run}")
         policy = bot.room_policy(room)
@@ -629,8 +676,131 @@ class Commands:
             )
         return outcomes
 
-    async def reseal(self, evt: MessageEvent, args: list[str]) -> None:
-        await self.bot.resealer.command(self, evt, args)
+    async def seal(self, evt: MessageEvent, args: list[str]) -> None:
+        bot, room = self.bot, evt.room_id
+        word = args[0].lower() if args else "show"
+        if word in ("on", "off"):
+            if not self.can_manage(room, evt.sender):
+                await self.reply(evt, Reply().line(self._manage_refusal(room, "seal on|off")))
+                return
+            row = bot.room_rows.get(room)
+            await bot.store.set_room_seal(room, word == "on")
+            bot.room_rows[room] = _row_with(room, row, seal=word == "on")
+            bot.log.info(f"{evt.sender} turned sealing {word} in {room}")
+            if word == "on":
+                bot.sealer.mark(room)
+            reply = Reply(f"Sealing is {word} in this room")
+            reply.line(
+                "The bot now re-sends each new value in a session of its own, keys first."
+                if word == "on"
+                else "The bot no longer re-sends values; seals already sent stay readable. "
+                "Newcomers on Element will see the state as ciphertext."
+            )
+            await self.reply(evt, reply)
+            return
+        if word == "now":
+            await self._seal_now(evt, dry_run="--dry-run" in args)
+            return
+        if word != "show":
+            raise UsageError("seal takes on, off or now [--dry-run]")
+        if not self.can_read(room, evt.sender):
+            await self.reply(evt, Reply().line(self._manage_refusal(room, "seal")))
+            return
+        plan = await bot.sealer.plan(room)
+        reply = Reply(f"Seals in {room}")
+        reply.facts(self._seal_facts(room, plan))
+        await self.reply(evt, reply)
+
+    def _manage_refusal(self, room_id: str, name: str) -> str:
+        level = self.bot.tracker.view(room_id).state_default
+        return (
+            f"Sorry, {name} is for room admins (power level {level} or more) and encstate's "
+            "configured admins."
+        )
+
+    def _seal_facts(self, room_id: str, plan: Any) -> list[tuple[str, str]]:
+        bot = self.bot
+        on = bot.seal_on(room_id)
+        facts = [
+            ("Sealing", "on" if on else "off (!encstate seal on turns it on)"),
+            ("Sealed", f"{plan.sealed} of {plan.total} current value(s)"),
+        ]
+        if plan.todo:
+            waiting = ", ".join(r.outer_key for r, _ in plan.todo[:8])
+            why = plan.problem or ("sealing is off" if not on else "being sealed now")
+            facts.append(("Not sealed", f"{len(plan.todo)} ({waiting}): {why}"))
+        if plan.same_content:
+            facts.append(
+                (
+                    "Re-sent by someone else",
+                    f"{len(plan.same_content)} value(s) the bot sealed were re-sent unchanged by "
+                    "another member (another encstate?): not sealed again",
+                )
+            )
+        if plan.unreadable:
+            facts.append(
+                (
+                    "Cannot seal",
+                    f"{', '.join(plan.unreadable[:8])}: the bot cannot decrypt the current "
+                    "value (it keeps asking for the key); newcomers see ciphertext for these",
+                )
+            )
+        return facts
+
+    async def _seal_now(self, evt: MessageEvent, dry_run: bool) -> None:
+        bot, room = self.bot, evt.room_id
+        plan = await bot.sealer.plan(room)
+        if not plan.todo:
+            await self.reply(
+                evt,
+                Reply().line(
+                    f"Nothing to seal: {plan.sealed} of {plan.total} current value(s) are sealed."
+                ),
+            )
+            return
+        view = bot.tracker.view(room)
+        needed = max(
+            [view.state_level("m.room.encrypted")]
+            + [view.state_level(r.inner_type or "") for r, _ in plan.todo]
+        )
+        have = view.user_level(evt.sender)
+        if have < needed:
+            await self.reply(
+                evt,
+                Reply().line(
+                    f"Sorry, sealing sends this room's state, which takes power level {needed}; "
+                    f"you have {have}."
+                ),
+            )
+            return
+        reply = Reply(f"{'Would seal' if dry_run else 'Sealing'} {len(plan.todo)} value(s)")
+        reply.table(
+            ["type", "state key", "value's session", "sender"],
+            [
+                (r.inner_type, r.inner_key or '""', short_id(r.session_id), r.sender)
+                for r, _ in plan.todo
+            ],
+        )
+        if plan.problem:
+            reply.line(f"Cannot seal: {plan.problem}.")
+            await self.reply(evt, reply)
+            return
+        if dry_run or bot.room_policy(room).dry_run:
+            reply.line("Dry run: nothing was sent.")
+            await self.reply(evt, reply)
+            return
+        progress = await self.reply(evt, reply)
+        report = await bot.sealer.seal_room(room)
+        done = Reply(
+            f"Sealed {len(report.sealed)} value(s) in {len(report.sealed)} fresh session(s)"
+        )
+        done.line(
+            f"Shared them with {report.devices} device(s) ({report.keys_sent} key(s)) before "
+            "sending the new state; each session opens that one value and nothing else."
+        )
+        if report.refused:
+            done.line(f"{report.refused} device(s) the room's policy refuses got nothing.")
+        await self.reply(evt, done, edits=progress)
 
     async def invite(self, evt: MessageEvent, args: list[str]) -> None:
         if not args or not (args[0].startswith("@") and ":" in args[0]):
@@ -657,6 +827,10 @@ class Commands:
             )
         await self.reply(evt, reply)
 
+    async def seal_now_alias(self, evt: MessageEvent, args: list[str]) -> None:
+        """``reseal`` from earlier versions: what ``seal now`` does."""
+        await self._seal_now(evt, dry_run="--dry-run" in args)
+
     HANDLERS: dict[str, Callable[[Commands, MessageEvent, list[str]], Awaitable[None]]] = {
         "help": help,
         "status": status,
@@ -666,9 +840,23 @@ class Commands:
         "state": state,
         "policy": policy,
         "share": share,
-        "reseal": reseal,
+        "seal": seal,
+        "reseal": seal_now_alias,
         "invite": invite,
     }
+
+
+def _row_with(room_id: str, row: RoomRow | None, **changes: Any) -> RoomRow:
+    """The room's settings row with some fields changed."""
+    base = row or RoomRow(
+        room_id=room_id,
+        state_flag=None,
+        backfilled=False,
+        mode=None,
+        share_invited=None,
+        dry_run=None,
+    )
+    return evolve(base, **changes)
 
 
 def _retention(days: int) -> str:

@@ -9,11 +9,14 @@ from mautrix.util.config import BaseProxyConfig, ConfigUpdateHelper, RecursiveDi
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
+from . import protocol
 from .policy import Mode
 
 KEYS = (
     "admins",
     "read_only_commands",
+    "seal.enabled",
+    "seal.preview_types",
     "push_on_join",
     "share_with_invited",
     "require_cross_signed",
@@ -94,6 +97,7 @@ class Config(BaseProxyConfig):
             self["read_only_commands"],
         )
         for key in (
+            "seal.enabled",
             "push_on_join",
             "share_with_invited",
             "require_cross_signed",
@@ -131,6 +135,14 @@ class Config(BaseProxyConfig):
                 "a number >= 0",
                 value,
             )
+        preview = self["seal.preview_types"]
+        _need(
+            isinstance(preview, list)
+            and all(isinstance(t, str) and t and t not in protocol.EXEMPT_TYPES for t in preview),
+            "seal.preview_types",
+            "a list of event types that can be encrypted",
+            preview,
+        )
         recovery_key = self["cross_signing.recovery_key"]
         _need(
             recovery_key is None or (isinstance(recovery_key, str) and recovery_key.strip()),
@@ -145,6 +157,10 @@ class Config(BaseProxyConfig):
             "null or a room ID starting with '!'",
             audit_room,
         )
+
+    @property
+    def preview_types(self) -> tuple[str, ...]:
+        return tuple(self["seal.preview_types"])
 
     @property
     def default_mode(self) -> Mode:

@@ -33,17 +33,22 @@ from . import protocol
 from .bulk_olm import BulkOlm, settle
 from .ledger import SessionFacts, SessionKind
 from .policy import (
+    PREVIEW,
     Decision,
     HeldSession,
     Ignore,
     Mode,
     Requester,
     RoomFacts,
+    SealFacts,
     Share,
     Withhold,
     admit_device,
     decide,
+    decide_seal,
+    reach,
 )
+from .seals import SealBook, is_preview
 from .store import AuditRow, OutboxItem, Store
 
 if TYPE_CHECKING:
@@ -97,6 +102,15 @@ class RoomContext:
     removed: frozenset[str] = frozenset()  # banned, or kicked by someone else
 
 
+@dataclass(frozen=True)
+class Approved:
+    """A device that may hold the bot's own sessions, and which of its seals."""
+
+    device: DeviceIdentity
+    reach: str  # policy.ALL or policy.PREVIEW
+    membership: str
+
+
 @dataclass
 class Outcome:
     """What one (device, session) came to."""
@@ -146,7 +160,11 @@ class Courier:
         log: logging.Logger,
         on_shared: Callable[[list[AuditRow]], Any] | None = None,
         admitting_rooms: Callable[[str], list[str]] | None = None,
+        seals: SealBook | None = None,
+        preview_types: Callable[[], tuple[str, ...]] | None = None,
     ) -> None:
+        self.seals = seals if seals is not None else SealBook()
+        self.preview_types = preview_types or (lambda: ())
         self.client = client
         self.store = store
         self.tracker = tracker
@@ -378,30 +396,43 @@ class Courier:
         room_id, facts, policy = context.room_id, context.facts, context.policy
         admitted = context.admitted
         ledger = self.tracker.ledgers.get(room_id)
+        live = {seal.session_id: seal for seal in self.seals.live(ledger)}
+        others = [
+            s
+            for s in (ledger.state_sessions() if ledger else [])
+            if not self.seals.is_seal(room_id, s)
+        ]
+        preview_types = self.preview_types()
         held_cache: dict[str, tuple[Any, HeldSession | None]] = {}
         outcomes: list[Outcome] = []
         seen: set[tuple[str, str, str]] = set()
         for item in items:
-            if ledger is None:
-                sessions = [item.session_id] if item.session_id else []
-            elif item.session_id:
-                sessions = [item.session_id]
-            else:
-                sessions = ledger.state_sessions()
+            sessions = [item.session_id] if item.session_id else list(live) + others
             user_devices = devices.get(item.user_id, {})
             if item.device_id:
                 targets = [(item.device_id, user_devices.get(item.device_id))]
             else:
                 targets = [(d, ident) for d, ident in user_devices.items() if not ident.deleted]
+            unasked = item.trigger in PUSH_TRIGGERS
             for session_id in sessions:
-                session = (
-                    ledger.facts(session_id)
-                    if ledger
-                    else SessionFacts(session_id=session_id, kind=SessionKind.UNKNOWN)
-                )
-                if session_id not in held_cache:
-                    held_cache[session_id] = await self._held(source, room_id, session_id)
-                group_session, held = held_cache[session_id]
+                seal = self.seals.get(room_id, session_id)
+                if seal is None:
+                    session = (
+                        ledger.facts(session_id)
+                        if ledger
+                        else SessionFacts(session_id=session_id, kind=SessionKind.UNKNOWN)
+                    )
+                    if session_id not in held_cache:
+                        held_cache[session_id] = await self._held(source, room_id, session_id)
+                    group_session, held = held_cache[session_id]
+                    sender_key = group_session.sender_key if group_session else None
+                else:
+                    seal_facts = SealFacts(
+                        seal.inner_type,
+                        is_preview(seal.inner_type, preview_types),
+                        session_id in live,
+                    )
+                    sender_key = self.crypto.account.identity_key if self.crypto else None
                 for device_id, device in targets:
                     if (item.user_id, device_id, session_id) in seen:
                         continue
@@ -413,10 +444,20 @@ class Courier:
                         who = evolve(who, admitted_via=admitted[item.user_id])
                     if item.trigger == BOT_INVITE:
                         who = evolve(who, invited_by_bot=True)
-                    decision = decide(facts, who, session, held)
+                    if unasked and who.membership != "join":
+                        # Unasked, someone not joined gets the seals within their reach and
+                        # hears nothing about the rest.
+                        if seal is None or not (
+                            seal_facts.preview or reach(facts, who) != PREVIEW
+                        ):
+                            continue
+                    if seal is None:
+                        decision = decide(facts, who, session, held)
+                    else:
+                        decision = decide_seal(facts, who, seal_facts)
                     if (
                         isinstance(decision, Share)
-                        and item.trigger in PUSH_TRIGGERS
+                        and unasked
                         and (item.user_id, device_id, session_id, decision.index) in delivered
                     ):
                         continue  # never push the same (device, session, index) twice unasked
@@ -427,7 +468,7 @@ class Courier:
                             session_id=session_id,
                             decision=decision,
                             device=device,
-                            sender_key=group_session.sender_key if group_session else None,
+                            sender_key=sender_key,
                         )
                     )
         if policy.dry_run or dry_run:
@@ -574,6 +615,11 @@ class Courier:
         plan: list[tuple[DeviceIdentity, EventType, Any, Outcome]] = []
         for o in shares:
             assert o.device is not None and isinstance(o.decision, Share)
+            seal = self.seals.get(o.item.room_id, o.session_id)
+            if seal is not None:
+                # the bot made this session: its m.room_key, which every client takes
+                plan.append((o.device, EventType.ROOM_KEY, seal.room_key(), o))
+                continue
             key = (o.item.room_id, o.session_id, o.decision.index)
             if key not in exports:
                 group_session = await source.get(o.item.room_id, o.session_id)
@@ -722,14 +768,15 @@ class Courier:
 
     async def approved_devices(
         self, room_id: str, user_ids: list[str]
-    ) -> tuple[list[DeviceIdentity], list[AuditRow], RoomPolicy]:
+    ) -> tuple[list[Approved], list[AuditRow], RoomPolicy]:
         """The devices of these users that may hold the bot's own sessions in this room (the
         room and device checks of the policy, read fresh: membership, bans and kicks, power,
-        policy mode, blacklist, cross-signing), the refusals as audit rows, and the policy."""
+        policy mode, blacklist, cross-signing), each with which seals it may read; the
+        refusals as audit rows; and the policy."""
         items = [OutboxItem(room_id=room_id, user_id=u, trigger="own") for u in user_ids]
         context = await self._room_context(room_id, items)
         devices = await self._devices(set(user_ids))
-        approved: list[DeviceIdentity] = []
+        approved: list[Approved] = []
         refused: list[AuditRow] = []
         for user_id in dict.fromkeys(user_ids):
             for device_id, device in devices.get(user_id, {}).items():
@@ -740,7 +787,9 @@ class Courier:
                 who = await self._requester(user_id, device_id, device, context)
                 refusal = admit_device(context.facts, who)
                 if refusal is None:
-                    approved.append(device)
+                    approved.append(
+                        Approved(device, reach(context.facts, who), who.membership or "")
+                    )
                     continue
                 refused.append(
                     AuditRow(
@@ -759,19 +808,18 @@ class Courier:
     async def send_room_keys(
         self,
         room_id: str,
-        keys: list[dict[str, Any]],
-        devices: list[DeviceIdentity],
+        plan: list[tuple[DeviceIdentity, dict[str, Any]]],
         trigger: str,
         reason: str,
     ) -> tuple[int, int]:
-        """Send the bot's own megolm sessions (``m.room_key`` contents) to these devices (the
-        caller chose them with ``approved_devices``); audit and record each delivery. Returns
-        (keys sent, devices)."""
-        plan = [
-            (device, EventType.ROOM_KEY, content, (device, content))
-            for device in devices
-            for content in keys
+        """Send the bot's own megolm sessions (``m.room_key`` contents) to devices, as
+        (device, content) pairs the caller chose with ``approved_devices``; audit and record
+        each delivery. Returns (keys sent, devices)."""
+        entries = [
+            (device, EventType.ROOM_KEY, content, (device, content)) for device, content in plan
         ]
+        if not entries:
+            return 0, 0
 
         async def record(sent: list[tuple[DeviceIdentity, dict[str, Any]]]) -> None:
             rows = [
@@ -793,7 +841,7 @@ class Courier:
                 [(d.user_id, d.device_id, c["session_id"], 0, room_id) for d, c in sent],
             )
 
-        sent, _, _, _ = await self.olm_send(plan, record)
+        sent, _, _, _ = await self.olm_send(entries, record)
         return len(sent), len({(d.user_id, d.device_id) for d, _ in sent})
 
     async def _send_withheld(self, withholds: list[Outcome]) -> None:

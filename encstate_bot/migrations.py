@@ -154,3 +154,23 @@ async def upgrade_v4(conn: Connection, scheme: Scheme) -> None:
         )"""
     )
     await conn.execute("CREATE INDEX encstate_audit_ts ON encstate_audit (ts)")
+
+
+@upgrade_table.register(description="Seals: the bot's own one-value sessions, per room on/off")
+async def upgrade_v5(conn: Connection) -> None:
+    await conn.execute("ALTER TABLE encstate_room ADD COLUMN seal BOOLEAN")
+    await conn.execute(
+        """CREATE TABLE encstate_seal (
+            room_id         TEXT NOT NULL,
+            session_id      TEXT NOT NULL,
+            outer_key       TEXT NOT NULL,
+            inner_type      TEXT NOT NULL,
+            inner_key       TEXT NOT NULL,
+            content_hash    TEXT NOT NULL,
+            source_event_id TEXT NOT NULL,
+            event_id        TEXT,
+            session_key     TEXT NOT NULL,
+            created_ts      BIGINT NOT NULL,
+            PRIMARY KEY (room_id, session_id)
+        )"""
+    )

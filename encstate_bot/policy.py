@@ -6,11 +6,18 @@ the checks is the decision tree the README draws:
     bot not empowered in the room ............................ Ignore
     room policy "off" ......................................... Ignore
     requester banned or kicked from the room .................. Withhold m.unauthorised
-    requester not joined (nor invited/admitted, if allowed) ... Withhold m.unauthorised
+    requester not joined, invited, nor admitted through a room  Withhold m.unauthorised
     device unknown to the homeserver .......................... Ignore
     device blacklisted ........................................ Withhold m.blacklisted
     policy "cross-signed" and device not cross-signed ......... Withhold m.unverified
       (cross-signed: by an identity trusted on first use; a changed identity does not count)
+  a seal (the bot's own one-value session, decide_seal):
+    its value is no longer current ............................ Withhold m.unauthorised
+    not a preview type, and the requester is not joined
+      (nor invited by the bot, or while invitees count) ....... Withhold m.unauthorised
+    otherwise ................................................. Share from index 0
+  anyone else's session (decide):
+    requester not joined ...................................... Withhold m.unauthorised
     session unknown / not yet held ............................ Withhold m.unavailable
     session only encrypts messages ............................ Withhold m.unauthorised
     session also encrypts messages (unless shared history) .... Withhold m.unauthorised
@@ -88,6 +95,19 @@ class HeldSession:
 
 
 @dataclass(frozen=True)
+class SealFacts:
+    """One of the bot's own seals, as the policy sees it."""
+
+    event_type: str
+    preview: bool  # name, topic, avatar (or the configured preview types)
+    live: bool  # it opens the current value of its key
+
+
+ALL = "all"
+PREVIEW = "preview"
+
+
+@dataclass(frozen=True)
 class Share:
     index: int
     reason: str
@@ -129,8 +149,8 @@ def admit_device(room: RoomFacts, who: Requester) -> Withhold | Ignore | None:
         )
     if who.membership == "join":
         pass
-    elif who.membership == "invite" and (room.share_with_invited or who.invited_by_bot):
-        pass
+    elif who.membership == "invite":
+        pass  # the preview seals at least (see reach)
     elif who.admitted_via:
         pass
     else:
@@ -153,6 +173,34 @@ def admit_device(room: RoomFacts, who: Requester) -> Withhold | Ignore | None:
     return None
 
 
+def reach(room: RoomFacts, who: Requester) -> str:
+    """Which seals a device that passed ``admit_device`` may hold: ALL of them (a joined
+    member, someone the bot invited, an invitee where invitees count as members) or the
+    PREVIEW ones (name, topic, avatar: any other invitee, a member of an admitting room)."""
+    if who.membership == "join":
+        return ALL
+    if who.membership == "invite" and (room.share_with_invited or who.invited_by_bot):
+        return ALL
+    return PREVIEW
+
+
+def decide_seal(room: RoomFacts, who: Requester, seal: SealFacts) -> Decision:
+    """One of the bot's seals: it opens exactly one event, so it may go to anyone who may read
+    that value, from index 0."""
+    refused = admit_device(room, who)
+    if refused is not None:
+        return refused
+    if not seal.live:
+        return Withhold(protocol.UNAUTHORISED, "this seal's value is no longer current")
+    if not seal.preview and reach(room, who) == PREVIEW:
+        return Withhold(
+            protocol.UNAUTHORISED,
+            f"{who.user_id} is not a member ({who.membership or 'not joined'}): before joining, "
+            "only the preview state (name, topic, avatar) is shared",
+        )
+    return Share(index=0, reason=f"seal of {seal.event_type}, the current value")
+
+
 def decide(
     room: RoomFacts,
     who: Requester,
@@ -162,6 +210,14 @@ def decide(
     refused = admit_device(room, who)
     if refused is not None:
         return refused
+    if who.membership != "join":
+        # Another user's session may encrypt anything later (Element mixes state and
+        # messages): only joined members, who read what it encrypts anyway, get it.
+        return Withhold(
+            protocol.UNAUTHORISED,
+            f"{who.user_id} is not a member ({who.membership or 'not joined'}): sessions the "
+            "bot did not create go only to joined members; others get its seals",
+        )
 
     if session.kind == SessionKind.UNKNOWN:
         return Withhold(protocol.UNAVAILABLE, "no encrypted state in this room uses this session")

@@ -4,7 +4,10 @@
 - Someone joins a room A that a restricted room B allows: B's keys go to them.
 - A link (B, A) becomes actionable (B's allow list gains A, the bot becomes empowered in B, or the
   bot joins A): B's keys go to every current member of A.
-- B gets a new state session: it goes to the members of B's allowed rooms.
+- B gets a new preview seal (name, topic, avatar): it goes to the members of B's allowed rooms.
+
+Members of allowed rooms and invitees get only the bot's seals: sessions it did not create go
+only to joined members.
 
 This module only enqueues; the courier decides per device at send time and audits.
 """
@@ -19,6 +22,7 @@ from mautrix.errors import MatrixConnectionError, MatrixRequestError
 
 from .courier import Courier, RoomPolicy
 from .links import Link, LinkGap, LinkGraph
+from .seals import is_preview
 from .store import AuditRow, OutboxItem, Store
 from .tracker import Tracker
 
@@ -109,8 +113,8 @@ class Pushes:
     def _own_room_push(
         self, room_id: str, user_id: str, membership: str, ignored: list[AuditRow]
     ) -> list[OutboxItem]:
-        policy = self.room_policy(room_id)
-        if membership != JOIN and not (membership == INVITE and policy.share_with_invited):
+        # Invitees get the preview seals (or every seal, where invitees count as members).
+        if membership not in (JOIN, INVITE):
             return []
         if not self.push_on_join() or not self.has_state(room_id):
             return []
@@ -170,11 +174,7 @@ class Pushes:
             ledger = self.tracker.ledgers.get(link.room_id)
             if ledger is None:
                 continue
-            wanted = set()
-            for session_id in ledger.state_sessions():
-                index = ledger.facts(session_id).safe_index
-                if index is not None:
-                    wanted.add((session_id, index))
+            wanted = {(session_id, 0) for session_id in self.preview_seals(link.room_id)}
             if not wanted:
                 continue
             try:
@@ -219,11 +219,24 @@ class Pushes:
             for u in users
         )
 
+    def preview_seals(self, room_id: str) -> list[str]:
+        """The live seals of a room that members of its admitting rooms may read."""
+        preview = self.courier.preview_types()
+        return [
+            seal.session_id
+            for seal in self.courier.seals.live(self.tracker.ledgers.get(room_id))
+            if is_preview(seal.inner_type, preview)
+        ]
+
     async def on_new_state(
         self, room_id: str, session_ids: set[str], skip: set[Link] = frozenset()
     ) -> None:
-        """A restricted room gained state sessions: push them to its allowed rooms' members
-        (but not through ``skip``, links whose members were just sent everything)."""
+        """A restricted room gained state sessions: push its new preview seals to its allowed
+        rooms' members (but not through ``skip``, links whose members were just sent
+        everything). Sessions the bot did not create never go to them."""
+        session_ids = set(session_ids) & set(self.preview_seals(room_id))
+        if not session_ids:
+            return
         links = [
             link for link in self.actionable() if link.room_id == room_id and link not in skip
         ]

@@ -11,6 +11,7 @@ from mautrix.util.async_db import Database
 
 from .ledger import MessageRecord, MessageStatus, StateRecord, Status
 from .policy import IDENTITY_CHANGED
+from .seals import Seal
 
 
 def now_ms() -> int:
@@ -25,6 +26,7 @@ class RoomRow:
     mode: str | None
     share_invited: bool | None
     dry_run: bool | None
+    seal: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ class Store:
 
     async def rooms(self) -> list[RoomRow]:
         rows = await self.db.fetch(
-            "SELECT room_id, state_flag, backfilled, mode, share_invited, dry_run "
+            "SELECT room_id, state_flag, backfilled, mode, share_invited, dry_run, seal "
             "FROM encstate_room"
         )
         return [
@@ -99,6 +101,59 @@ class Store:
                 mode=r["mode"],
                 share_invited=_opt_bool(r["share_invited"]),
                 dry_run=_opt_bool(r["dry_run"]),
+                seal=_opt_bool(r["seal"]),
+            )
+            for r in rows
+        ]
+
+    async def set_room_seal(self, room_id: str, seal: bool | None) -> None:
+        await self.db.execute(
+            "INSERT INTO encstate_room (room_id, seal) VALUES ($1, $2) "
+            "ON CONFLICT (room_id) DO UPDATE SET seal=excluded.seal",
+            room_id,
+            seal,
+        )
+
+    # Seals --------------------------------------------------------------------------------------
+
+    _SEAL_COLUMNS = (
+        "room_id, session_id, outer_key, inner_type, inner_key, content_hash, source_event_id, "
+        "event_id, session_key, created_ts"
+    )
+
+    async def put_seal(self, seal: Seal) -> None:
+        """Written before its key leaves or its event is sent, so no seal is ever out that the
+        bot cannot hand out again after a restart."""
+        await self.db.execute(
+            f"INSERT INTO encstate_seal ({self._SEAL_COLUMNS}) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
+            "ON CONFLICT (room_id, session_id) DO UPDATE SET event_id=excluded.event_id",
+            seal.room_id,
+            seal.session_id,
+            seal.outer_key,
+            seal.inner_type,
+            seal.inner_key,
+            seal.content_hash,
+            seal.source_event_id,
+            seal.event_id,
+            seal.session_key,
+            seal.created_ts,
+        )
+
+    async def seals(self) -> list[Seal]:
+        rows = await self.db.fetch(f"SELECT {self._SEAL_COLUMNS} FROM encstate_seal")
+        return [
+            Seal(
+                room_id=r["room_id"],
+                session_id=r["session_id"],
+                outer_key=r["outer_key"],
+                inner_type=r["inner_type"],
+                inner_key=r["inner_key"],
+                content_hash=r["content_hash"],
+                source_event_id=r["source_event_id"],
+                event_id=r["event_id"],
+                session_key=r["session_key"],
+                created_ts=int(r["created_ts"]),
             )
             for r in rows
         ]

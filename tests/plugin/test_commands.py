@@ -91,7 +91,7 @@ async def run(bot, plugin, text: str, sender: str = ADMIN, origin: dict | None =
 
 async def test_help_lists_every_command(maubot_test_bot, maubot_plugin) -> None:
     body, html = await run(maubot_test_bot, maubot_plugin, "!encstate help")
-    for name in ("status", "audit", "links", "share", "log", "policy", "state", "reseal"):
+    for name in ("status", "audit", "links", "share", "log", "policy", "state", "seal now"):
         assert f"!encstate {name}" in body
     assert "<table>" in html and "<th>command</th>" in html
     # the plain body is a readable table too
@@ -210,7 +210,7 @@ async def test_audit_reports_each_kind_of_exposure(maubot_test_bot, maubot_plugi
     assert "lacked the power level" in body and "below 50" in body
     assert "Far-future timestamps" in body and "$pin" in body
     assert "cannot supply" in body and "WAIT" in body
-    assert "!encstate reseal" in body
+    assert "!encstate seal now" in body
     assert html.count("<table>") >= 4
 
 
@@ -228,8 +228,14 @@ async def test_share_usage(maubot_test_bot, maubot_plugin, text: str) -> None:
     assert "Try !encstate help" in body
 
 
-async def test_reseal_with_nothing_to_do(maubot_test_bot, maubot_plugin) -> None:
+async def test_seal_now_with_nothing_to_do(maubot_test_bot, maubot_plugin) -> None:
+    from encstate_bot.seals import Seal
+
     await setup_room(maubot_plugin)
     maubot_plugin.tracker.ledger(ROOM).add_state(record("$name", "S", 0))
+    body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate seal now --dry-run")
+    assert "Cannot seal: the bot has no end-to-end encryption" in body
+    # the current value sits in one of the bot's seals: nothing to do ("reseal" is an alias)
+    maubot_plugin.seals.add(Seal(ROOM, "S", "m.room.name:", "m.room.name", "", "h", "$x", "k", 1))
     body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate reseal --dry-run")
-    assert "Nothing to reseal" in body
+    assert "Nothing to seal: 1 of 1 current value(s) are sealed" in body

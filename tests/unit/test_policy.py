@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from attr import evolve
+
 from encstate_bot import protocol
 from encstate_bot.ledger import RoomLedger
 from encstate_bot.policy import (
@@ -8,9 +10,11 @@ from encstate_bot.policy import (
     Mode,
     Requester,
     RoomFacts,
+    SealFacts,
     Share,
     Withhold,
     decide,
+    decide_seal,
 )
 
 from .helpers import ROOM, message, state
@@ -68,10 +72,32 @@ def test_non_members_are_unauthorised() -> None:
         assert isinstance(decision, Withhold) and decision.code == protocol.UNAUTHORISED
 
 
-def test_invited_members_when_configured() -> None:
-    room = RoomFacts(room_id=ROOM, bot_level=50, users_default=0, share_with_invited=True)
+def test_invitees_get_seals_and_never_anyone_elses_session() -> None:
+    room = RoomFacts(room_id=ROOM, bot_level=50, users_default=0)
     who = Requester(user_id="@x:x", device_id="D", membership="invite")
-    assert isinstance(decide(room, who, STATE_ONLY, HELD), Share)
+    name = SealFacts("m.room.name", preview=True, live=True)
+    custom = SealFacts("org.example.rules", preview=False, live=True)
+    assert isinstance(decide_seal(room, who, name), Share)
+    assert decide_seal(room, who, custom).code == protocol.UNAUTHORISED
+    assert decide(room, who, STATE_ONLY, HELD).code == protocol.UNAUTHORISED
+    # invitees as members, or invited by the bot: every seal, still nobody else's session
+    for room_, who_ in (
+        (evolve(room, share_with_invited=True), who),
+        (room, evolve(who, invited_by_bot=True)),
+    ):
+        assert isinstance(decide_seal(room_, who_, custom), Share)
+        assert decide(room_, who_, STATE_ONLY, HELD).code == protocol.UNAUTHORISED
+    # admitted through an allowed room: the preview seals only
+    admitted = Requester(user_id="@x:x", device_id="D", membership=None, admitted_via="!a:x")
+    assert isinstance(decide_seal(room, admitted, name), Share)
+    assert decide_seal(room, admitted, custom).code == protocol.UNAUTHORISED
+    assert decide(room, admitted, STATE_ONLY, HELD).code == protocol.UNAUTHORISED
+    # a seal whose value was superseded opens nothing current
+    gone = SealFacts("m.room.name", preview=True, live=False)
+    assert decide_seal(room, MEMBER, gone).code == protocol.UNAUTHORISED
+    assert decide_seal(room, MEMBER, custom) == Share(
+        0, "seal of org.example.rules, the current value"
+    )
 
 
 def test_devices() -> None:

@@ -23,8 +23,10 @@ from encstate_bot.policy import (
     Mode,
     Requester,
     RoomFacts,
+    SealFacts,
     Share,
     decide,
+    decide_seal,
 )
 from encstate_bot.ratelimit import RequestGate
 from encstate_bot.rooms import RoomView
@@ -277,9 +279,12 @@ def test_finding_03_a_ban_or_kick_beats_admission_through_an_allowed_room() -> N
         user_id=MEMBER, device_id="D", membership="leave", admitted_via="!a:x", removed=True
     )
     left = Requester(user_id=MEMBER, device_id="D", membership="leave", admitted_via="!a:x")
-    assert not isinstance(decide(room, banned, ledger.facts("S"), held), Share)
-    assert not isinstance(decide(room, kicked, ledger.facts("S"), held), Share)
-    assert isinstance(decide(room, left, ledger.facts("S"), held), Share)  # left by choice
+    seal = SealFacts("m.room.name", preview=True, live=True)
+    assert not isinstance(decide_seal(room, banned, seal), Share)
+    assert not isinstance(decide_seal(room, kicked, seal), Share)
+    assert isinstance(decide_seal(room, left, seal), Share)  # left by choice
+    for who in (banned, kicked, left):  # nobody else's session, ever, to a non-member
+        assert not isinstance(decide(room, who, ledger.facts("S"), held), Share)
 
 
 def test_finding_03_a_leave_sent_by_someone_else_is_a_removal() -> None:

@@ -1,0 +1,336 @@
+"""The sealer: keeps every current value of an encrypted-state room re-sent by the bot in a seal
+(see ``seals.py``), keys first.
+
+A room is marked when its state changes; shortly after (changes to a key within the window
+coalesce to the latest value) the sealer reads what lacks a seal, makes one session per value,
+writes each seal's key to the database, hands the keys to the joined members' (and invitees')
+devices, and only then sends the state events. Members of rooms that admit into a restricted
+room get the preview seals through the courier once the seal event is back in the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, Callable
+
+from attr import dataclass, evolve
+from mautrix.api import Method, Path
+from mautrix.crypto.sessions import InboundGroupSession
+from mautrix.errors import MatrixConnectionError, MatrixRequestError
+from mautrix.types import RoomID, SessionID
+
+from .ledger import StateRecord
+from .own_sessions import encrypt_once
+from .policy import ALL, Mode
+from .seals import Seal, SealBook, content_hash, is_preview, needs_seal
+from .store import AuditRow, Store, now_ms
+from .tracker import Decrypted, Tracker
+
+# Changes to a room's state within this window are sealed together, each key at its latest.
+SEAL_DELAY_SECONDS = 0.5
+TICK_SECONDS = 0.1
+
+
+@dataclass(frozen=True)
+class SealPlan:
+    """What sealing a room would do now."""
+
+    # current values lacking a seal, with their content (None: the bot cannot read it now)
+    todo: list[tuple[StateRecord, dict[str, Any] | None]]
+    sealed: int  # current values a seal of the bot opens
+    total: int  # current values
+    unreadable: list[str]  # packed keys whose current value the bot cannot decrypt
+    problem: str | None  # why the bot cannot seal here, if it cannot
+    same_content: list[str]  # keys whose current event is not the bot's but holds its value
+
+
+@dataclass(frozen=True)
+class SealReport:
+    sealed: list[Seal]
+    keys_sent: int
+    devices: int
+    refused: int
+    plan: SealPlan
+    dry_run: bool = False
+
+
+class Sealer:
+    def __init__(
+        self,
+        client: Any,
+        store: Store,
+        tracker: Tracker,
+        courier: Any,
+        book: SealBook,
+        room_policy: Callable[[str], Any],
+        seal_on: Callable[[str], bool],
+        preview_types: Callable[[], tuple[str, ...]],
+        log: logging.Logger,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.tracker = tracker
+        self.courier = courier
+        self.book = book
+        self.room_policy = room_policy
+        self.seal_on = seal_on
+        self.preview_types = preview_types
+        self.log = log
+        self._due: dict[str, float] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+        self._hashes: dict[tuple[str, str], tuple[str, dict[str, Any]] | None] = {}
+        self.runs = 0  # sealing passes that sent something, for tests and status
+
+    # Scheduling ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="encstate-sealer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+
+    def mark(self, room_id: str) -> None:
+        """The room's state may have changed: seal it after the coalescing window."""
+        if room_id not in self._due:
+            self._due[room_id] = time.monotonic() + SEAL_DELAY_SECONDS
+            self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            now = time.monotonic()
+            due = [room for room, at in self._due.items() if at <= now]
+            for room_id in due:
+                self._due.pop(room_id, None)
+                if not self.seal_on(room_id):
+                    continue
+                try:
+                    await self.seal_room(room_id)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self.log.exception(f"Sealing {room_id} failed; trying again shortly")
+                    self._due.setdefault(room_id, time.monotonic() + 5)
+            self._wake.clear()
+            if self._due:
+                wait = max(TICK_SECONDS, min(self._due.values()) - time.monotonic())
+            else:
+                wait = 30.0
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+
+    # Planning -----------------------------------------------------------------------------------
+
+    async def _content(self, record: StateRecord) -> tuple[str, dict[str, Any]] | None:
+        """(digest, content) of a valid value, decrypted once per event."""
+        key = (record.room_id, record.event_id)
+        if key not in self._hashes:
+            result = await self.tracker.session_source().decrypt(
+                record.room_id, record.session_id, record.ciphertext
+            )
+            content = None
+            if isinstance(result, Decrypted):
+                try:
+                    content = json.loads(result.plaintext).get("content")
+                except (ValueError, AttributeError):
+                    content = None
+            if not isinstance(content, dict):
+                self._hashes[key] = None
+            else:
+                self._hashes[key] = (content_hash(content), content)
+            while len(self._hashes) > 20_000:
+                self._hashes.pop(next(iter(self._hashes)))
+        return self._hashes[key]
+
+    def missing_power(self, room_id: str, types: list[str]) -> str | None:
+        view = self.tracker.view(room_id)
+        level = view.user_level(self.client.mxid)
+        if level <= view.users_default:
+            return (
+                f"the bot's power level {level} does not exceed users_default {view.users_default}"
+            )
+        needed = max([view.state_level("m.room.encrypted")] + [view.state_level(t) for t in types])
+        if level < needed:
+            return f"sealing needs power level {needed} to send this state; the bot has {level}"
+        return None
+
+    async def plan(self, room_id: str) -> SealPlan:
+        ledger = self.tracker.ledgers.get(room_id)
+        if ledger is None:
+            return SealPlan([], 0, 0, [], None, [])
+        current = ledger.current_state()
+        todo: list[tuple[StateRecord, dict[str, Any] | None]] = []
+        same: list[str] = []
+        sealed = 0
+        for record in current:
+            if self.book.sealed(ledger, record):
+                sealed += 1
+                continue
+            found = await self._content(record) if self.client.crypto is not None else None
+            if found is None:
+                # no crypto (the problem below says so), or the session went away since the
+                # value was judged: it is unsealed, and nothing can seal it now
+                todo.append((record, None))
+                continue
+            digest, content = found
+            if needs_seal(self.book, ledger, record, digest):
+                todo.append((record, content))
+            else:
+                same.append(record.outer_key)
+        unreadable = ledger.unreadable_current()
+        problem = None
+        if self.client.crypto is None:
+            problem = "the bot has no end-to-end encryption"
+        elif not self.tracker.complete(room_id):
+            problem = "recent events of this room are not recorded yet"
+        elif any(content is None for _, content in todo):
+            problem = "the bot cannot decrypt some current values any more"
+        elif todo:
+            problem = self.missing_power(room_id, [r.inner_type or "" for r, _ in todo])
+            if problem is None and self.room_policy(room_id).mode == Mode.OFF:
+                problem = "the room's policy is off, so the seals could go to nobody"
+        return SealPlan(todo, sealed, len(current), unreadable, problem, same)
+
+    # Sealing ------------------------------------------------------------------------------------
+
+    async def seal_room(self, room_id: str, dry_run: bool = False) -> SealReport:
+        """Seal every current value of the room that lacks a seal: keys to the joined members'
+        and invitees' devices first, then the state events."""
+        async with self._lock:
+            return await self._seal_room(room_id, dry_run)
+
+    async def _seal_room(self, room_id: str, dry_run: bool) -> SealReport:
+        plan = await self.plan(room_id)
+        policy = self.room_policy(room_id)
+        dry_run = dry_run or policy.dry_run
+        if not plan.todo or plan.problem or dry_run:
+            if plan.todo and plan.problem:
+                self.log.info(
+                    f"Cannot seal {len(plan.todo)} value(s) in {room_id}: {plan.problem}"
+                )
+            return SealReport([], 0, 0, 0, plan, dry_run)
+        crypto = self.client.crypto
+        made: list[Seal] = []
+        contents: dict[str, dict[str, Any]] = {}
+        for record, content in plan.todo:
+            assert content is not None  # else plan.problem says why not
+            own = encrypt_once(
+                room_id,
+                {"type": record.inner_type, "state_key": record.inner_key, "content": content},
+                crypto.account.identity_key,
+                self.client.device_id,
+            )
+            seal = Seal(
+                room_id=room_id,
+                session_id=own.session_id,
+                outer_key=record.outer_key,
+                inner_type=record.inner_type or "",
+                inner_key=record.inner_key or "",
+                content_hash=content_hash(content),
+                source_event_id=record.event_id,
+                session_key=own.room_key["session_key"],
+                created_ts=now_ms(),
+            )
+            # The key is durable before anything leaves: the bot can always hand it out again.
+            await self.store.put_seal(seal)
+            inbound = InboundGroupSession(
+                session_key=seal.session_key,
+                signing_key=crypto.account.signing_key,
+                sender_key=crypto.account.identity_key,
+                room_id=RoomID(room_id),
+            )
+            await crypto.crypto_store.put_group_session(
+                RoomID(room_id), crypto.account.identity_key, SessionID(seal.session_id), inbound
+            )
+            self.book.add(seal)
+            made.append(seal)
+            contents[seal.session_id] = own.content
+        joined, invited = await self._members(room_id)
+        approved, refused, _ = await self.courier.approved_devices(room_id, joined + invited)
+        preview = self.preview_types()
+        members_plan, later_plan = [], []
+        for entry in approved:
+            for seal in made:
+                if entry.reach != ALL and not is_preview(seal.inner_type, preview):
+                    continue
+                target = members_plan if entry.membership == "join" else later_plan
+                target.append((entry.device, seal.room_key()))
+        reason = "seal of the current value, before its event"
+        # Keys first: Element's engine decrypts a state event once, when it arrives.
+        keys, devices = await self.courier.send_room_keys(
+            room_id, members_plan, trigger="seal", reason=reason
+        )
+        sent: list[Seal] = []
+        for seal in made:
+            try:
+                resp = await self.client.api.request(
+                    Method.PUT,
+                    Path.v3.rooms[room_id].state["m.room.encrypted"][seal.outer_key],
+                    contents[seal.session_id],
+                )
+            except (MatrixRequestError, MatrixConnectionError) as e:
+                self.log.warning(f"Could not send the seal of {seal.outer_key} in {room_id}: {e}")
+                continue
+            seal = evolve(seal, event_id=resp.get("event_id"))
+            await self.store.put_seal(seal)
+            self.book.add(seal)
+            sent.append(seal)
+            self.log.info(
+                f"Sealed {seal.inner_type} {seal.inner_key!r} of {room_id} (value "
+                f"{seal.source_event_id}) in session {seal.session_id}, event {seal.event_id}"
+            )
+        more_keys, more_devices = await self.courier.send_room_keys(
+            room_id, later_plan, trigger="seal", reason="preview seal for an invitee"
+        )
+        await self.store.add_audit(
+            [
+                AuditRow(
+                    room_id=room_id,
+                    user_id=self.client.mxid,
+                    device_id=self.client.device_id,
+                    session_id=seal.session_id,
+                    decision="seal",
+                    reason=f"sealed {seal.inner_type} {seal.inner_key!r} (value "
+                    f"{seal.source_event_id}) as {seal.event_id}",
+                    trigger="seal",
+                    msg_index=0,
+                )
+                for seal in sent
+            ]
+            + refused
+        )
+        self.runs += 1
+        return SealReport(
+            sent, keys + more_keys, devices + more_devices, len(refused), plan, False
+        )
+
+    async def _members(self, room_id: str) -> tuple[list[str], list[str]]:
+        """(joined, invited) users of the room, the bot excepted (its other devices are
+        members' devices like any other: they are included through the joined list)."""
+        resp = await self.client.api.request(
+            Method.GET, Path.v3.rooms[room_id].members, query_params={"not_membership": "leave"}
+        )
+        joined: list[str] = []
+        invited: list[str] = []
+        for evt in resp.get("chunk", []):
+            if not isinstance(evt, dict) or not isinstance(evt.get("state_key"), str):
+                continue
+            content = evt.get("content") if isinstance(evt.get("content"), dict) else {}
+            membership = content.get("membership")
+            if membership == "join":
+                joined.append(evt["state_key"])
+            elif membership == "invite":
+                invited.append(evt["state_key"])
+        return joined, invited
