@@ -4,7 +4,9 @@
 //
 // Logs in a fresh device, bootstraps cross-signing, starts syncing with encrypted state events
 // enabled, prints {"ready": true, ...} and then answers one JSON command per stdin line with one
-// JSON line on stdout: {"id", "cmd": "join"|"knock"|"room"|"wait_invite"|"wait_name"|"reload"|"stop", "room", ...}.
+// JSON line on stdout: {"id", "cmd", "room", ...}. Commands: join, knock, room, wait_invite,
+// wait_name, reload, stop; and, to act as a room admin the way Element does: create, set_name,
+// set_topic, send, invite, set_power.
 import "fake-indexeddb/auto";
 import * as sdk from "matrix-js-sdk";
 import { logger } from "matrix-js-sdk/lib/logger.js";
@@ -105,6 +107,16 @@ async function freshName(roomId) {
     return { name: event.getContent().name ?? null, reason: null };
 }
 
+// Name watchers: every distinct (name, undecryptable name event) the room state goes through.
+const watches = new Map();
+function snapshot(roomId) {
+    const state = describe(roomId);
+    const failed = (state.encryptedState ?? []).some(
+        (e) => e.key === "m.room.name:" && !e.decrypted,
+    );
+    return { name: state.nameState ?? null, undecryptable: failed };
+}
+
 async function handle(cmd) {
     switch (cmd.cmd) {
         case "join":
@@ -140,6 +152,74 @@ async function handle(cmd) {
                 await new Promise((r) => setTimeout(r, 200));
             }
         }
+        case "create": {
+            // a state-encrypted room (MSC4362), created the way Element's labs flag does
+            const initial_state = [
+                {
+                    type: "m.room.encryption",
+                    state_key: "",
+                    content: {
+                        algorithm: "m.megolm.v1.aes-sha2",
+                        "io.element.msc4362.encrypt_state_events": true,
+                    },
+                },
+                {
+                    type: "m.room.history_visibility",
+                    state_key: "",
+                    content: { history_visibility: cmd.history ?? "shared" },
+                },
+            ];
+            if (cmd.joinRule) {
+                initial_state.push({ type: "m.room.join_rules", state_key: "", content: cmd.joinRule });
+            }
+            const { room_id } = await client.createRoom({
+                preset: cmd.preset ?? "private_chat",
+                invite: cmd.invite ?? [],
+                initial_state,
+                power_level_content_override: { users: { ...(cmd.power ?? {}) }, users_default: 0 },
+            });
+            const deadline = Date.now() + 30000;
+            while (!client.getRoom(room_id) && Date.now() < deadline) {
+                await new Promise((r) => setTimeout(r, 100));
+            }
+            return { room: room_id };
+        }
+        case "set_name":
+            return await client.setRoomName(cmd.room, cmd.name);
+        case "set_topic":
+            return await client.setRoomTopic(cmd.room, cmd.topic);
+        case "send":
+            return await client.sendTextMessage(cmd.room, cmd.body);
+        case "invite":
+            return await client.invite(cmd.room, cmd.user);
+        case "set_power": {
+            const path = `/rooms/${encodeURIComponent(cmd.room)}/state/m.room.power_levels/`;
+            const levels = await client.http.authedRequest(sdk.Method.Get, path);
+            levels.users = { ...(levels.users ?? {}), ...cmd.users };
+            return await client.http.authedRequest(sdk.Method.Put, path, undefined, levels);
+        }
+        case "wait_member": {
+            const deadline = Date.now() + (cmd.seconds ?? 30) * 1000;
+            for (;;) {
+                const member = client.getRoom(cmd.room)?.getMember(cmd.user);
+                if (member?.membership === (cmd.membership ?? "join") || Date.now() > deadline) {
+                    return { membership: member?.membership ?? null };
+                }
+                await new Promise((r) => setTimeout(r, 200));
+            }
+        }
+        case "watch": {
+            const seen = [snapshot(cmd.room)];
+            const timer = setInterval(() => {
+                const now = snapshot(cmd.room);
+                const last = seen[seen.length - 1];
+                if (now.name !== last.name || now.undecryptable !== last.undecryptable) seen.push(now);
+            }, 25);
+            watches.set(cmd.room, { seen, timer });
+            return seen[0];
+        }
+        case "history":
+            return watches.get(cmd.room)?.seen ?? [];
         case "reload":
             client.stopClient();
             client = await startClient();

@@ -10,33 +10,12 @@ from mautrix.types import EncryptedFile
 import olm
 import pytest
 
-from harness import jspeer
 from harness.client import eventually
 
 BUNDLE = "io.element.msc4268.room_key_bundle"
 CROSS_SIGNED = {"cross_signing": {"bootstrap": True}, "push_on_join": False}
 
 pytestmark = pytest.mark.db_agnostic
-
-
-@pytest.fixture
-async def js(world, request):
-    problem = jspeer.available()
-    if problem:
-        pytest.skip(problem)
-    peers = []
-
-    async def make(name: str) -> jspeer.JsPeer:
-        peer = await jspeer.JsPeer(world.synapse, f"{name}-{request.node.name[-8:]}").start()
-        peers.append(peer)
-        return peer
-
-    yield make
-    failed = getattr(getattr(request.node, "rep_call", None), "failed", False)
-    for peer in peers:
-        await peer.stop()
-        if failed:
-            print(f"--- js peer {peer.user_id}\n" + "\n".join(peer.stderr[-300:]))
 
 
 async def wait_message(world, bot, event_id: str) -> None:
