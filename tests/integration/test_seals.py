@@ -18,10 +18,10 @@ RUNS = 3  # fresh users per entry path: a path that works one run in three is no
 SEALING = {"cross_signing": {"bootstrap": True}}
 
 
-async def element_room(world, bot, js, **create) -> tuple:
+async def element_room(world, bot, js, admin=None, **create) -> tuple:
     """A js-sdk admin's state-encrypted room with the bot at power 50: the admin encrypts the
     name and then chats in the same session, as Element does; the bot seals the name."""
-    admin = await js("admin")
+    admin = admin or await js("admin")
     created = await admin.call("create", invite=[bot.user_id], power={bot.user_id: 50}, **create)
     room = created["room"]
     await bot.wait_for_log(f"Read back \\d+ timeline event\\(s\\) of {re.escape(room)}")
@@ -90,7 +90,7 @@ async def test_restricted_join_through_the_allowed_room(world, js) -> None:
     space = (await admin.call("create", invite=[bot.user_id]))["room"]
     await bot.wait_for_log(f"Read back \\d+ timeline event\\(s\\) of {re.escape(space)}")
     rule = {"join_rule": "restricted", "allow": [{"type": "m.room_membership", "room_id": space}]}
-    _, room = await element_room(world, bot, js, joinRule=rule)
+    _, room = await element_room(world, bot, js, admin, joinRule=rule)
     results = []
     for peer in await fresh(js, "res"):
         await admin.call("invite", room=space, user=peer.user_id)
