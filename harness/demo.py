@@ -1,9 +1,11 @@
 """`make demo`: encstate at work against a throwaway Synapse, told as a transcript.
 
-Alice runs a room whose name and topic are encrypted (MSC4362). encstate sits in the room with a
-raised power level. Bob joins and reads the name through the bot; Mallory, who is not a member,
-and Bob asking for a chat session are refused. Everything runs on 127.0.0.1 and is removed at
-the end.
+Alice runs a room whose name and topic are encrypted (MSC4362); her client encrypts them and her
+chat in one megolm session, as Element does. encstate sits in the room with a raised power
+level and seals each value: it re-sends it in a session of its own that opens nothing else.
+Bob joins and reads the name and topic through the seals, and still cannot read Alice's chat;
+Bob asking for Alice's session, and Mallory, who is not a member, are refused. Everything runs
+on 127.0.0.1 and is removed at the end.
 """
 
 from __future__ import annotations
@@ -65,32 +67,50 @@ async def run(world: World) -> None:
     await alice.new_session(room)
     name = await alice.send_state(room, "m.room.name", "", {"name": "Nightingale"})
     topic = await alice.send_state(room, "m.room.topic", "", {"topic": "Launch on Thursday"})
-    say("Alice", f"encrypts the name and topic (session {short(name.session_id)}, indices 0, 1)")
-    await alice.new_session(room)
     chat = await alice.send_message(room, "Thursday it is. Keep it quiet.")
-    say("Alice", f"chats in another session ({short(chat.session_id)})")
+    say(
+        "Alice",
+        f"encrypts the name, the topic and her chat in one session ({short(name.session_id)}, "
+        "indices 0, 1, 2), as Element does",
+    )
     await world.wait_valid(bot, topic.event_id)
-    say("encstate", "decrypts both state events: valid, current, state-only session")
+    say("encstate", "decrypts both state events: valid and current, in a session with a message")
+    store = await world.store(bot)
+
+    async def both_sealed() -> list:
+        seals = [s for s in await store.seals() if s.room_id == room and s.event_id]
+        return seals if len(seals) == 2 else []
+
+    for seal in sorted(await eventually(both_sealed, timeout=30), key=lambda s: s.inner_type):
+        say(
+            "encstate",
+            f"seals {seal.inner_type}: the same value re-sent in its own session "
+            f"{short(seal.session_id)}, key to the members first ({seal.event_id[:10]}…)",
+        )
 
     bob = await world.user("bob")
     await alice.invite(room, bob.user_id)
-    say("Alice", "invites Bob")
+    say("Alice", "invites Bob; encstate sends him the preview seals (name, topic) at once")
     await bob.join(room)
     say("Bob", "joins the room (his client never asks another user for keys)")
 
     async def readable() -> bool:
-        return (await bob.read_state(room)).get("m.room.name") is not None
+        state = await bob.read_state(room)
+        return len(state.values) == 2
 
     await eventually(readable, timeout=30)
     for row in reversed(await world.audit(bot, room, user_id=bob.user_id)):
-        say(
-            "encstate",
-            f"{row.decision} {short(row.session_id)} to {row.device_id} "
-            f"from index {row.msg_index} ({row.trigger}): {row.reason}",
-        )
+        if row.decision == "share":
+            say(
+                "encstate",
+                f"{row.decision} {short(row.session_id)} to {row.device_id} "
+                f"from index {row.msg_index} ({row.trigger}): {row.reason}",
+            )
     await show_state(bob, room)
+    opened = await bob.try_decrypt(room, chat.session_id, chat.ciphertext)
+    say("Bob", f"tries Alice's chat: {'reads it!' if opened else 'cannot decrypt it'}")
 
-    say("Bob", f"asks encstate for the chat session {short(chat.session_id)}")
+    say("Bob", f"asks encstate for Alice's session {short(chat.session_id)} itself")
     await bob.request_key(room, chat.session_id, bot.user_id, [bot.device_id])
     await eventually(lambda: bob.withheld_for(chat.session_id), timeout=30)
     withheld = bob.withheld_for(chat.session_id)[0]
