@@ -17,7 +17,7 @@ from aiohttp import ClientSession, TCPConnector
 
 from harness.synapse import Synapse
 
-from . import fanout, latency, ledger
+from . import fanout, latency, ledger, seal
 from .report import Report
 
 
@@ -31,6 +31,8 @@ async def run(args: argparse.Namespace, report: Report) -> None:
                     await fanout.run(synapse, http, workdir, report, args.quick)
                 if "latency" in args.only:
                     await latency.run(synapse, http, workdir, report, args.quick)
+                if "seal" in args.only:
+                    await seal.run(synapse, http, workdir, report, args.quick)
                 if "ledger" in args.only:
                     await ledger.run(synapse, http, workdir, report, args.quick)
         report.note(f"total bench time {time.monotonic() - started:.0f} s")
@@ -41,8 +43,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        default=["fanout", "latency", "ledger"],
-        choices=["fanout", "latency", "ledger"],
+        default=["fanout", "latency", "seal", "ledger"],
+        choices=["fanout", "latency", "seal", "ledger"],
     )
     parser.add_argument("--quick", action="store_true", help="smaller N, for a smoke run")
     args = parser.parse_args()

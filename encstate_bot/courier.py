@@ -49,7 +49,7 @@ from .policy import (
     reach,
 )
 from .seals import SealBook, is_preview
-from .store import AuditRow, OutboxItem, Store
+from .store import FAST_TRIGGERS, AuditRow, OutboxItem, Store
 
 if TYPE_CHECKING:
     from .tracker import SessionSource, Tracker
@@ -881,7 +881,7 @@ class Courier:
     def _expired(item: OutboxItem) -> bool:
         """A queued item that failed too often or waited too long: dropped, never retried."""
         age = int(time.time() * 1000) - item.enqueued if item.enqueued else 0
-        requests = lane_of(item) == REQUEST_LANE
+        requests = item.trigger == REQUEST_LANE
         return item.attempts + 1 >= MAX_ATTEMPTS[requests] or age > MAX_AGE_MS[requests]
 
     def _gave_up(self, item: OutboxItem) -> AuditRow:
@@ -954,7 +954,7 @@ def _waited(item: OutboxItem) -> int | None:
 
 
 def lane_of(item: OutboxItem) -> str:
-    return REQUEST_LANE if item.trigger == REQUEST_LANE else PUSH_LANE
+    return REQUEST_LANE if item.trigger in FAST_TRIGGERS else PUSH_LANE
 
 
 def forwarded_content(

@@ -13,6 +13,10 @@ from .ledger import MessageRecord, MessageStatus, StateRecord, Status
 from .policy import IDENTITY_CHANGED
 from .seals import Seal
 
+# The queue's fast lane: answers to requests, and the work for one newcomer waiting to read the
+# room, so a bulk push (a link, a command) in the other lane does not hold them up.
+FAST_TRIGGERS = ("request", "join", "invite", "bot-invite")
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)
@@ -485,7 +489,8 @@ class Store:
 
     @staticmethod
     def _lane(requests: bool) -> str:
-        return "trigger = 'request'" if requests else "trigger <> 'request'"
+        fast = "trigger IN (" + ", ".join(f"'{t}'" for t in FAST_TRIGGERS) + ")"
+        return fast if requests else f"NOT ({fast})"
 
     async def due(
         self, limit: int, requests: bool, per_room: int | None = None, now: int | None = None

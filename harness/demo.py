@@ -53,7 +53,7 @@ async def demo(synapse: Synapse, workdir: str) -> None:
 
 async def run(world: World) -> None:
     say("setup", "starting encstate in maubot standalone mode (python -m maubot.standalone)")
-    bot = await world.bot()
+    bot = await world.bot(sealing=True)
     say("encstate", f"online as {bot.user_id}, device {bot.device_id}")
 
     alice = await world.user("alice")

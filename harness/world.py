@@ -112,7 +112,13 @@ class World:
         database: str | None = None,
         config: dict[str, Any] | None = None,
         homeserver: str | None = None,
+        sealing: bool = False,
     ) -> BotProcess:
+        """A running encstate bot. Sealing is off unless asked for: most suites test the rules
+        for forwarding other people's sessions (what the bot does where it cannot seal), and a
+        seal would supersede the values they look at. Tests of seals, and the demo, turn it on
+        (the product's default)."""
+        config = {"seal": {"enabled": sealing}, **(config or {})}
         loop = asyncio.get_running_loop()
         user_id = await loop.run_in_executor(None, self.synapse.register, unique("encstate"))
         token, device_id = await loop.run_in_executor(None, self.synapse.login, user_id)

@@ -15,7 +15,7 @@ from harness.client import eventually
 pytestmark = pytest.mark.db_agnostic
 
 RUNS = 3  # fresh users per entry path: a path that works one run in three is not working
-SEALING = {"cross_signing": {"bootstrap": True}}
+SEALING = {"cross_signing": {"bootstrap": True}, "seal": {"enabled": True}}
 
 
 async def element_room(world, bot, js, admin=None, **create) -> tuple:
@@ -205,7 +205,7 @@ async def identity_key(user, bot) -> str:
 
 
 async def test_seal_invariants(world) -> None:
-    bot = await world.bot()
+    bot = await world.bot(sealing=True)
     admin = await world.user("admin")
     space = await admin.create_room(invite=[bot.user_id])
     await world.wait_joined(admin, space, bot.user_id)
@@ -271,7 +271,7 @@ async def test_seal_invariants(world) -> None:
 
 
 async def test_two_encstate_instances_do_not_reseal_each_other(world) -> None:
-    first, second = await world.bot(), await world.bot()
+    first, second = await world.bot(sealing=True), await world.bot(sealing=True)
     admin = await world.user("admin")
     room = await admin.create_room(
         invite=[first.user_id, second.user_id], power={first.user_id: 50, second.user_id: 50}
