@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from mautrix.api import Method, Path
 from mautrix.crypto.attachments import decrypt_attachment
 from mautrix.types import EncryptedFile
 import olm
@@ -14,6 +15,7 @@ from harness.client import eventually
 
 BUNDLE = "io.element.msc4268.room_key_bundle"
 CROSS_SIGNED = {"cross_signing": {"bootstrap": True}, "push_on_join": False}
+SEALED = {**CROSS_SIGNED, "seal": {"enabled": True}}
 
 pytestmark = pytest.mark.db_agnostic
 
@@ -51,6 +53,17 @@ async def named_room(world, bot, admin, **kwargs):
     return room, name
 
 
+async def seals_of(world, bot, room: str, count: int) -> list:
+    """Until the bot has sent ``count`` seals in the room; returns them."""
+    store = await world.store(bot)
+
+    async def sent() -> list:
+        seals = [s for s in await store.seals() if s.room_id == room and s.event_id]
+        return seals if len(seals) >= count else []
+
+    return await eventually(sent, timeout=30)
+
+
 async def mixed_topic(world, bot, admin, room: str):
     """A topic in a fresh session that also carries a message, both seen by the bot."""
     await admin.new_session(room)
@@ -62,14 +75,15 @@ async def mixed_topic(world, bot, admin, room: str):
 
 
 async def test_an_element_user_invited_by_the_bot_reads_the_name(world, js) -> None:
-    bot = await world.bot(config=CROSS_SIGNED)
+    bot = await world.bot(config=SEALED)
     admin = await world.user("admin")
     room, _ = await named_room(world, bot, admin)
-    # the bundle lists the mixed topic session as withheld; the Rust crypto must take the rest
+    # the topic shares its session with a message: the bundle carries the seals, never it
     await mixed_topic(world, bot, admin, room)
+    await seals_of(world, bot, room, 2)
     peer = await js("element")
     reply = await admin.command(room, f"!encstate invite {peer.user_id}", bot.user_id)
-    assert "1 session(s), 1 withheld" in reply and "1 cross-signed device(s)" in reply
+    assert "2 session(s)" in reply and "1 cross-signed device(s)" in reply
     await peer.call("wait_invite", room=room)
     await peer.call("join", room=room)
     state = await name_as_element_shows_it(peer, room)
@@ -78,9 +92,10 @@ async def test_an_element_user_invited_by_the_bot_reads_the_name(world, js) -> N
 
 
 async def test_an_element_user_whose_knock_the_bot_approves_reads_the_name(world, js) -> None:
-    bot = await world.bot(config={**CROSS_SIGNED, "approve_knocks": True})
+    bot = await world.bot(config={**SEALED, "approve_knocks": True})
     admin = await world.user("admin")
     room, _ = await named_room(world, bot, admin, join_rule={"join_rule": "knock"})
+    await seals_of(world, bot, room, 1)
     peer = await js("knocker")
     await peer.call("knock", room=room)
     invited = await peer.call("wait_invite", room=room, seconds=30)
@@ -91,7 +106,9 @@ async def test_an_element_user_whose_knock_the_bot_approves_reads_the_name(world
     assert state["name"] == "Nightingale", (state, peer.log_tail())
 
 
-async def test_without_the_bundle_the_name_stays_encrypted(world, js) -> None:
+async def test_without_seals_an_invitee_of_the_admin_sees_ciphertext(world, js) -> None:
+    """The control: with sealing off nothing reaches an Element invitee (the bot never hands
+    anyone else's session to someone who is not joined)."""
     bot = await world.bot(config=CROSS_SIGNED)
     admin = await world.user("admin")
     room, _ = await named_room(world, bot, admin)
@@ -103,42 +120,53 @@ async def test_without_the_bundle_the_name_stays_encrypted(world, js) -> None:
     assert state["readableName"] is None and state["name"] != "Nightingale", state
 
 
-async def test_the_bundle_withholds_mixed_sessions_and_every_message_carries_device_keys(
-    world,
-) -> None:
-    bot = await world.bot(config=CROSS_SIGNED)
-    admin = await world.user("admin")
-    room, name = await named_room(world, bot, admin)
-    topic = await mixed_topic(world, bot, admin, room)
-
-    invitee = await world.user("invitee")
-    await invitee.crypto.generate_recovery_key()  # bundles go to cross-signed devices only
-    await admin.command(room, f"!encstate invite {invitee.user_id}", bot.user_id)
-
-    def bundle() -> dict | None:
+async def bundle_for(invitee, bot) -> dict:
+    def pointer() -> dict | None:
         for plaintext in invitee.olm_plaintexts:
             if plaintext.get("type") == BUNDLE and plaintext.get("sender") == bot.user_id:
                 return plaintext
         return None
 
-    pointer = await eventually(bundle)
-    file = EncryptedFile.deserialize(pointer["content"]["file"])
+    found = await eventually(pointer)
+    file = EncryptedFile.deserialize(found["content"]["file"])
     ciphertext = await invitee.client.download_media(file.url)
-    contents = json.loads(
-        decrypt_attachment(ciphertext, file.key.key, file.hashes["sha256"], file.iv)
-    )
-    assert [k["session_id"] for k in contents["room_keys"]] == [name.session_id]
-    assert [w["session_id"] for w in contents["withheld"]] == [topic.session_id]
-    assert "messages" in contents["withheld"][0]["reason"]
-    exported = olm.InboundGroupSession.import_session(contents["room_keys"][0]["session_key"])
-    assert json.loads(exported.decrypt(name.ciphertext)[0])["content"] == {"name": "Nightingale"}
+    return json.loads(decrypt_attachment(ciphertext, file.key.key, file.hashes["sha256"], file.iv))
 
-    # The invite also queued forwarded keys; reseal-style room keys and withheld notices aside,
-    # every Olm message from the bot carries its device keys, self-signed and cross-signed.
+
+async def test_the_bundle_carries_seals_only_and_every_message_carries_device_keys(world) -> None:
+    bot = await world.bot(config=SEALED)
+    admin = await world.user("admin")
+    room, name = await named_room(world, bot, admin)
+    topic = await mixed_topic(world, bot, admin, room)
+    seals = {s.session_id: s for s in await seals_of(world, bot, room, 2)}
+
+    invitee = await world.user("invitee")
+    await invitee.crypto.generate_recovery_key()  # bundles go to cross-signed devices only
+    await admin.command(room, f"!encstate invite {invitee.user_id}", bot.user_id)
+    contents = await bundle_for(invitee, bot)
+    assert {k["session_id"] for k in contents["room_keys"]} == set(seals)
+    for key in contents["room_keys"]:
+        seal = seals[key["session_id"]]
+        exported = olm.InboundGroupSession.import_session(key["session_key"])
+        assert exported.first_known_index == 0 and key["shared_history"] is True
+        state = await admin.client.api.request(
+            Method.GET, Path.v3.rooms[room].event[seal.event_id]
+        )
+        payload = json.loads(exported.decrypt(state["content"]["ciphertext"])[0])
+        assert payload["type"] == seal.inner_type
+    # the topic's own session (it also carries a message) reaches the invitee in no form
     await invitee.join(room)
-    await eventually(lambda: invitee.has_session(room, name.session_id))
+
+    async def holds_seals() -> bool:
+        return all([await invitee.has_session(room, s) for s in seals])
+
+    await eventually(holds_seals)
+    assert not await invitee.has_session(room, topic.session_id)
+    assert not await invitee.has_session(room, name.session_id)
+
+    # every Olm message from the bot carries its device keys, self-signed and cross-signed
     from_bot = [p for p in invitee.olm_plaintexts if p.get("sender") == bot.user_id]
-    assert {p["type"] for p in from_bot} >= {BUNDLE, "m.room_key_bundle", "m.forwarded_room_key"}
+    assert {p["type"] for p in from_bot} >= {BUNDLE, "m.room_key_bundle", "m.room_key"}
     for plaintext in from_bot:
         keys = plaintext["sender_device_keys"]
         assert keys["user_id"] == bot.user_id and keys["device_id"] == bot.device_id
@@ -153,9 +181,24 @@ async def test_the_bundle_withholds_mixed_sessions_and_every_message_carries_dev
         assert len(signatures) == 2, "no cross-signing signature"
 
 
+async def test_without_seals_the_bundle_carries_nobody_elses_session(world) -> None:
+    bot = await world.bot(config=CROSS_SIGNED)
+    admin = await world.user("admin")
+    room, name = await named_room(world, bot, admin)
+    invitee = await world.user("invitee")
+    await invitee.crypto.generate_recovery_key()
+    reply = await admin.command(room, f"!encstate invite {invitee.user_id}", bot.user_id)
+    assert "0 session(s), 1 withheld" in reply
+    contents = await bundle_for(invitee, bot)
+    assert contents["room_keys"] == []
+    assert [w["session_id"] for w in contents["withheld"]] == [name.session_id]
+    assert "only to joined members" in contents["withheld"][0]["reason"]
+
+
 async def test_an_element_member_reads_the_resealed_name_live(world, js) -> None:
-    """Reseal hands its new sessions to members as the bot's own m.room_key, before the state:
-    Element's engine takes that key and shows the resealed name without a reload."""
+    """With sealing off in the config, an admin's `seal now` hands the new session to members as
+    the bot's own m.room_key, before the state: Element's engine takes that key and shows the
+    sealed name without a reload."""
     bot = await world.bot(config={"push_on_join": False})
     admin = await world.user("admin")
     room = await world.room_with_bot(admin, bot)
@@ -170,8 +213,8 @@ async def test_an_element_member_reads_the_resealed_name_live(world, js) -> None
     await world.wait_joined(admin, room, peer.user_id)
     before = await peer.call("room", room=room)
     assert before["nameState"] != "Nightingale", before  # the admin's session never reached it
-    await admin.command(room, "!encstate reseal", bot.user_id)
-    await admin.wait_for_edit(bot.user_id, room, "Resealed 1 value(s)")
+    await admin.command(room, "!encstate seal now", bot.user_id)
+    await admin.wait_for_edit(bot.user_id, room, "Sealed 1 value(s)")
     state = await peer.call("wait_name", room=room, name="Nightingale", seconds=30, live=True)
     assert state["nameState"] == "Nightingale" and state["readIn"] == "room state", (
         state,
