@@ -553,6 +553,26 @@ class TestUser:
     def withheld_for(self, session_id: str) -> list[dict[str, Any]]:
         return [w for w in self.withheld if w.get("session_id") == session_id]
 
+    def room_keys_for(self, session_id: str) -> list[dict[str, Any]]:
+        """The ``m.room_key`` contents this device received for a session (a seal's key)."""
+        return [
+            p["content"]
+            for p in self.olm_plaintexts
+            if p.get("type") == "m.room_key"
+            and p.get("content", {}).get("session_id") == session_id
+        ]
+
+    async def event(self, room_id: str, event_id: str) -> dict[str, Any]:
+        return await self.client.api.request(Method.GET, Path.v3.rooms[room_id].event[event_id])
+
+    async def open_event(
+        self, room_id: str, event_id: str, fetcher: TestUser | None = None
+    ) -> dict | None:
+        """Decrypt one encrypted event of the room with the sessions this device holds
+        (``fetcher`` reads the event, for a device that cannot see the room yet)."""
+        content = (await (fetcher or self).event(room_id, event_id))["content"]
+        return await self.try_decrypt(room_id, content["session_id"], content["ciphertext"])
+
     def forwarded_for(self, session_id: str) -> list[dict[str, Any]]:
         return [f for f in self.forwarded if f["session_id"] == session_id]
 

@@ -181,6 +181,20 @@ class World:
 
         await eventually(recorded, timeout=20)
 
+    async def seal(self, bot: BotProcess, room_id: str, inner_type: str = "m.room.name") -> Any:
+        """The bot's newest seal of this type in the room, once its event is sent."""
+        store = await self.store(bot)
+
+        async def sent() -> Any:
+            seals = [
+                s
+                for s in await store.seals()
+                if s.room_id == room_id and s.inner_type == inner_type and s.event_id
+            ]
+            return max(seals, key=lambda s: s.created_ts) if seals else None
+
+        return await eventually(sent, timeout=30)
+
     async def audit(self, bot: BotProcess, room_id: str, **kwargs: Any) -> list[AuditRow]:
         store = await self.store(bot)
         return await store.audit(room_id, **kwargs)

@@ -135,17 +135,18 @@ async def test_a_member_without_power_is_refused(world) -> None:
     assert "members; invited off" in status
 
 
-async def test_reseal_moves_current_state_to_fresh_sessions(world) -> None:
+async def test_seal_now_moves_current_state_to_fresh_sessions(world) -> None:
+    """Sealing off in the config; an admin seals by hand (``reseal`` is the old name)."""
     bot = await world.bot()
     admin = await world.user("admin")
     space, room, sent = await troubled_room(world, bot, admin)
-    preview = await admin.command(room, "!encstate reseal --dry-run", bot.user_id)
-    assert "Would reseal" in preview and "Dry run: nothing was sent" in preview
-    assert "superseded value(s) above the safe index" in preview
-    assert "also encrypts messages" in preview
+    preview = await admin.command(room, "!encstate seal now --dry-run", bot.user_id)
+    assert "Would seal 3 value(s)" in preview and "Dry run: nothing was sent" in preview
+    shown = await admin.command(room, "!encstate seal", bot.user_id)
+    assert "Sealing: off" in shown and "Sealed: 0 of 3" in shown
 
     await admin.command(room, "!encstate reseal", bot.user_id)
-    await admin.wait_for_edit(bot.user_id, room, "Resealed 3 value(s)")
+    await admin.wait_for_edit(bot.user_id, room, "Sealed 3 value(s)")
 
     # the admin, a current member, got the new sessions and still reads everything
     async def admin_reads() -> bool:
