@@ -239,3 +239,26 @@ async def test_seal_now_with_nothing_to_do(maubot_test_bot, maubot_plugin) -> No
     maubot_plugin.seals.add(Seal(ROOM, "S", "m.room.name:", "m.room.name", "", "h", "$x", "k", 1))
     body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate reseal --dry-run")
     assert "Nothing to seal: 1 of 1 current value(s) are sealed" in body
+
+
+async def test_seal_shows_turns_on_and_off_and_needs_an_admin(
+    maubot_test_bot, maubot_plugin
+) -> None:
+    await setup_room(maubot_plugin)
+    maubot_plugin.tracker.ledger(ROOM).add_state(record("$name", "S", 0))
+    body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate seal", MEMBER)
+    assert "Sealed: 0 of 1 current value(s)" in body
+    assert "Not sealed: 1 (m.room.name:): the bot has no end-to-end encryption" in body
+    body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate seal off", MEMBER)
+    assert "for room admins" in body and maubot_plugin.seal_on(ROOM)
+    body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate seal off")
+    assert "Sealing is off in this room" in body and not maubot_plugin.seal_on(ROOM)
+    assert maubot_plugin.room_rows[ROOM].seal is False
+    body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate seal on")
+    assert "Sealing is on" in body and maubot_plugin.seal_on(ROOM)
+    # status reports the seals and, per way in, which clients they reach
+    body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate status")
+    assert "Sealed: 0 of 1" in body
+    assert "mautrix-style clients only" in body and "Invited by anyone" in body
+    body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate seal sideways")
+    assert "seal takes on, off or now" in body
