@@ -199,8 +199,11 @@ class Sealer:
             problem = "the bot cannot decrypt some current values any more"
         elif todo:
             problem = self.missing_power(room_id, [r.inner_type or "" for r, _ in todo])
-            if problem is None and self.room_policy(room_id).mode == Mode.OFF:
+            policy = self.room_policy(room_id)
+            if problem is None and policy.mode == Mode.OFF:
                 problem = "the room's policy is off, so the seals could go to nobody"
+            elif problem is None and policy.dry_run:
+                problem = "the room is in dry run (it decides and records, sends nothing)"
         return SealPlan(todo, sealed, len(current), unreadable, problem, same)
 
     # Sealing ------------------------------------------------------------------------------------
@@ -213,8 +216,6 @@ class Sealer:
 
     async def _seal_room(self, room_id: str, dry_run: bool) -> SealReport:
         plan = await self.plan(room_id)
-        policy = self.room_policy(room_id)
-        dry_run = dry_run or policy.dry_run
         if not plan.todo or plan.problem or dry_run:
             if plan.todo and plan.problem:
                 self.log.info(
