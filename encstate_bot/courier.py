@@ -73,7 +73,7 @@ MAX_AGE_MS = {True: 15 * 60 * 1000, False: 24 * 3600 * 1000}  # requests, pushes
 
 # Unasked pushes: never the same (device, session, index) twice. Requests and an admin's
 # explicit share are always answered.
-PUSH_TRIGGERS = frozenset({"join", "invite", "link", "bot-invite"})
+PUSH_TRIGGERS = frozenset({"join", "invite", "link", "bot-invite", "seal"})
 # Users the bot invited itself get what a member gets while their invite stands.
 BOT_INVITE = "bot-invite"
 
@@ -811,15 +811,16 @@ class Courier:
         plan: list[tuple[DeviceIdentity, dict[str, Any]]],
         trigger: str,
         reason: str,
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, list[tuple[DeviceIdentity, dict[str, Any]]]]:
         """Send the bot's own megolm sessions (``m.room_key`` contents) to devices, as
         (device, content) pairs the caller chose with ``approved_devices``; audit and record
-        each delivery. Returns (keys sent, devices)."""
+        each delivery. Returns (keys sent, devices, the pairs that did not go out: a failed
+        call, or no Olm session could be made)."""
         entries = [
             (device, EventType.ROOM_KEY, content, (device, content)) for device, content in plan
         ]
         if not entries:
-            return 0, 0
+            return 0, 0, []
 
         async def record(sent: list[tuple[DeviceIdentity, dict[str, Any]]]) -> None:
             rows = [
@@ -841,8 +842,8 @@ class Courier:
                 [(d.user_id, d.device_id, c["session_id"], 0, room_id) for d, c in sent],
             )
 
-        sent, _, _, _ = await self.olm_send(entries, record)
-        return len(sent), len({(d.user_id, d.device_id) for d, _ in sent})
+        sent, failed, no_olm, _ = await self.olm_send(entries, record)
+        return len(sent), len({(d.user_id, d.device_id) for d, _ in sent}), failed + no_olm
 
     async def _send_withheld(self, withholds: list[Outcome]) -> None:
         """Tell devices what they were refused, at most WITHHELD_PER_DEVICE notices per device

@@ -25,13 +25,22 @@ from mautrix.types import RoomID, SessionID
 from .ledger import StateRecord
 from .own_sessions import encrypt_once
 from .policy import ALL, Mode
+from .ratelimit import TokenBuckets
 from .seals import Seal, SealBook, content_hash, is_preview, needs_seal
-from .store import AuditRow, Store, now_ms
+from .store import AuditRow, OutboxItem, Store, now_ms
 from .tracker import Decrypted, Tracker
 
 # Changes to a room's state within this window are sealed together, each key at its latest.
 SEAL_DELAY_SECONDS = 0.5
 TICK_SECONDS = 0.1
+RETRY_SECONDS = 5.0
+# Each seal is a state event and a key to every member (and, for the preview types, to every
+# member of the rooms that admit into a restricted room): someone flipping a value must not
+# turn the bot into an amplifier. Per packed key: 3 seals at once, then one a minute; per room:
+# 200 values at once (a room's first sealing), then one a second. Values changed meanwhile
+# wait, and are sealed at their latest.
+KEY_BURST, KEY_PER_SECOND = 3, 1 / 60
+ROOM_BURST, ROOM_PER_SECOND = 200, 1.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,8 @@ class Sealer:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
+        self._per_key = TokenBuckets(KEY_BURST, KEY_PER_SECOND)
+        self._per_room = TokenBuckets(ROOM_BURST, ROOM_PER_SECOND)
         self._hashes: dict[tuple[str, str], tuple[str, dict[str, Any]] | None] = {}
         self.runs = 0  # sealing passes that sent something, for tests and status
 
@@ -100,10 +111,12 @@ class Sealer:
                 pass
             self._task = None
 
-    def mark(self, room_id: str) -> None:
-        """The room's state may have changed: seal it after the coalescing window."""
-        if room_id not in self._due:
-            self._due[room_id] = time.monotonic() + SEAL_DELAY_SECONDS
+    def mark(self, room_id: str, delay: float = SEAL_DELAY_SECONDS) -> None:
+        """The room's state may have changed: seal it after ``delay`` (the coalescing window),
+        or sooner if it was due sooner already."""
+        at = time.monotonic() + delay
+        if room_id not in self._due or self._due[room_id] > at:
+            self._due[room_id] = at
             self._wake.set()
 
     async def _run(self) -> None:
@@ -115,12 +128,12 @@ class Sealer:
                 if not self.seal_on(room_id):
                     continue
                 try:
-                    await self.seal_room(room_id)
+                    await self.seal_room(room_id, limited=True)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
                     self.log.exception(f"Sealing {room_id} failed; trying again shortly")
-                    self._due.setdefault(room_id, time.monotonic() + 5)
+                    self.mark(room_id, RETRY_SECONDS)
             self._wake.clear()
             if self._due:
                 wait = max(TICK_SECONDS, min(self._due.values()) - time.monotonic())
@@ -208,13 +221,43 @@ class Sealer:
 
     # Sealing ------------------------------------------------------------------------------------
 
-    async def seal_room(self, room_id: str, dry_run: bool = False) -> SealReport:
+    async def seal_room(
+        self, room_id: str, dry_run: bool = False, limited: bool = False
+    ) -> SealReport:
         """Seal every current value of the room that lacks a seal: keys to the joined members'
-        and invitees' devices first, then the state events."""
+        and invitees' devices first, then the state events. ``limited``: within the rate
+        limits (the automatic pass; an admin's ``seal now`` is not limited)."""
         async with self._lock:
-            return await self._seal_room(room_id, dry_run)
+            made: list[Seal] = []
+            try:
+                return await self._seal_room(room_id, dry_run, limited, made)
+            finally:
+                for seal in made:  # a seal whose event did not go out counts for nothing
+                    if seal.session_id in self.book.in_flight:
+                        self.book.finish(seal)
+                        self.mark(room_id, RETRY_SECONDS)
 
-    async def _seal_room(self, room_id: str, dry_run: bool) -> SealReport:
+    def _allowed(self, room_id: str, todo: list) -> list:
+        """The values the rate limits let through now; the room is looked at again later for
+        the rest."""
+        now = time.monotonic()
+        allowed = []
+        for record, content in todo:
+            if self._per_key.allow((room_id, record.outer_key), now) and self._per_room.allow(
+                room_id, now
+            ):
+                allowed.append((record, content))
+        if len(allowed) < len(todo):
+            self.log.info(
+                f"Sealing {len(todo) - len(allowed)} value(s) of {room_id} later: they changed "
+                "faster than the seal rate limit allows"
+            )
+            self.mark(room_id, 1 / KEY_PER_SECOND)
+        return allowed
+
+    async def _seal_room(
+        self, room_id: str, dry_run: bool, limited: bool, made: list[Seal]
+    ) -> SealReport:
         plan = await self.plan(room_id)
         if not plan.todo or plan.problem or dry_run:
             if plan.todo and plan.problem:
@@ -222,10 +265,11 @@ class Sealer:
                     f"Cannot seal {len(plan.todo)} value(s) in {room_id}: {plan.problem}"
                 )
             return SealReport([], 0, 0, 0, plan, dry_run)
+        todo = self._allowed(room_id, plan.todo) if limited else plan.todo
         crypto = self.client.crypto
-        made: list[Seal] = []
         contents: dict[str, dict[str, Any]] = {}
-        for record, content in plan.todo:
+        sources: dict[str, StateRecord] = {}
+        for record, content in todo:
             assert content is not None  # else plan.problem says why not
             own = encrypt_once(
                 room_id,
@@ -255,9 +299,10 @@ class Sealer:
             await crypto.crypto_store.put_group_session(
                 RoomID(room_id), crypto.account.identity_key, SessionID(seal.session_id), inbound
             )
-            self.book.add(seal)
+            self.book.begin(seal)
             made.append(seal)
             contents[seal.session_id] = own.content
+            sources[seal.session_id] = record
         joined, invited = await self._members(room_id)
         approved, refused, _ = await self.courier.approved_devices(room_id, joined + invited)
         preview = self.preview_types()
@@ -268,13 +313,27 @@ class Sealer:
                     continue
                 target = members_plan if entry.membership == "join" else later_plan
                 target.append((entry.device, seal.room_key()))
-        reason = "seal of the current value, before its event"
         # Keys first: Element's engine decrypts a state event once, when it arrives.
-        keys, devices = await self.courier.send_room_keys(
-            room_id, members_plan, trigger="seal", reason=reason
+        keys, devices, missed = await self.courier.send_room_keys(
+            room_id,
+            members_plan,
+            trigger="seal",
+            reason="seal of the current value, before its event",
         )
+        ledger = self.tracker.ledger(room_id)
         sent: list[Seal] = []
         for seal in made:
+            source = ledger.events.get(seal.source_event_id, sources[seal.session_id])
+            if not ledger.is_current(source):
+                # The value changed while its keys went out: sending it now would put the old
+                # value back over the new one. The next pass seals the new one.
+                self.log.info(
+                    f"Not sending the seal of {seal.outer_key} in {room_id}: the value changed "
+                    "meanwhile"
+                )
+                self.book.finish(seal)
+                self.mark(room_id)
+                continue
             try:
                 resp = await self.client.api.request(
                     Method.PUT,
@@ -283,18 +342,40 @@ class Sealer:
                 )
             except (MatrixRequestError, MatrixConnectionError) as e:
                 self.log.warning(f"Could not send the seal of {seal.outer_key} in {room_id}: {e}")
-                continue
+                continue  # abandoned in seal_room, which looks at the room again later
             seal = evolve(seal, event_id=resp.get("event_id"))
             await self.store.put_seal(seal)
-            self.book.add(seal)
+            self.book.finish(seal)
             sent.append(seal)
             self.log.info(
                 f"Sealed {seal.inner_type} {seal.inner_key!r} of {room_id} (value "
                 f"{seal.source_event_id}) in session {seal.session_id}, event {seal.event_id}"
             )
-        more_keys, more_devices = await self.courier.send_room_keys(
+        live = {seal.session_id for seal in sent}
+        later_plan = [(d, c) for d, c in later_plan if c["session_id"] in live]
+        more_keys, more_devices, more_missed = await self.courier.send_room_keys(
             room_id, later_plan, trigger="seal", reason="preview seal for an invitee"
         )
+        # Keys that did not go out (a failed call, no Olm session yet) are retried through the
+        # queue, which decides again at send time.
+        retry = {
+            (d.user_id, d.device_id, c["session_id"])
+            for d, c in missed + more_missed
+            if c["session_id"] in live
+        }
+        if retry:
+            await self.courier.submit(
+                [
+                    OutboxItem(
+                        room_id=room_id,
+                        user_id=user_id,
+                        device_id=device_id,
+                        session_id=session_id,
+                        trigger="seal",
+                    )
+                    for user_id, device_id, session_id in sorted(retry)
+                ]
+            )
         await self.store.add_audit(
             [
                 AuditRow(

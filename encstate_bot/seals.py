@@ -72,20 +72,54 @@ class Unsealable:
 
 
 class SealBook:
-    """Every seal the bot made, by room; which are live and which values lack one."""
+    """Every seal the bot made, by room; which are live and which values lack one.
+
+    A seal counts (opens its value, blocks a new seal of the same content) once its event is
+    sent, or while the sealer is sending it (``begin``: its key goes out before its event). A
+    seal whose event never went out (a failed send, a crash) counts for nothing: its key opens
+    no event, and the value is sealed again."""
 
     def __init__(self) -> None:
         self.rooms: dict[str, dict[str, Seal]] = {}  # room -> session id -> seal
-        self._latest: dict[tuple[str, str], Seal] = {}  # (room, packed key) -> newest seal
+        self._latest: dict[tuple[str, str], Seal] = {}  # (room, packed key) -> newest counted
+        self.in_flight: set[str] = set()
+
+    def _counts(self, seal: Seal) -> bool:
+        return seal.event_id is not None or seal.session_id in self.in_flight
 
     def add(self, seal: Seal) -> None:
         self.rooms.setdefault(seal.room_id, {})[seal.session_id] = seal
+        if not self._counts(seal):
+            return
         latest = self._latest.get((seal.room_id, seal.outer_key))
         if latest is None or (latest.created_ts, latest.session_id) <= (
             seal.created_ts,
             seal.session_id,
         ):
             self._latest[(seal.room_id, seal.outer_key)] = seal
+
+    def begin(self, seal: Seal) -> None:
+        """The sealer is about to send this seal's key, then its event."""
+        self.in_flight.add(seal.session_id)
+        self.add(seal)
+
+    def finish(self, seal: Seal) -> None:
+        """Its event was sent (``seal.event_id``), or it was abandoned (None)."""
+        self.in_flight.discard(seal.session_id)
+        self.rooms.setdefault(seal.room_id, {})[seal.session_id] = seal
+        if seal.event_id is None:
+            key = (seal.room_id, seal.outer_key)
+            counted = [
+                s
+                for s in self.rooms[seal.room_id].values()
+                if s.outer_key == seal.outer_key and self._counts(s)
+            ]
+            if counted:
+                self._latest[key] = max(counted, key=lambda s: (s.created_ts, s.session_id))
+            else:
+                self._latest.pop(key, None)
+        else:
+            self.add(seal)
 
     def load(self, seals: Iterable[Seal]) -> None:
         for seal in seals:

@@ -48,11 +48,13 @@ def test_a_seal_is_live_from_its_value_until_a_newer_value() -> None:
     ledger.add_state(admins)
     assert needs_seal(book, ledger, admins, content_hash({"name": "N"}))
     seal = seal_of(admins, "S1", {"name": "N"})
-    book.add(seal)
-    # before its own event is back, it opens the value it sealed
+    book.add(seal)  # written, but its event never went out (a crash): it counts for nothing
+    assert book.live(ledger) == [] and needs_seal(book, ledger, admins, seal.content_hash)
+    book.begin(seal)
+    # while the sealer sends its key, before its event is back, it opens the value it seals
     assert [s.session_id for s in book.live(ledger)] == ["S1"]
     ledger.add_state(value("$seal", "S1", 2))
-    book.add(evolve(seal, event_id="$seal"))
+    book.finish(evolve(seal, event_id="$seal"))
     assert [s.session_id for s in book.live(ledger)] == ["S1"]
     assert not needs_seal(book, ledger, ledger.events["$seal"], "anything")  # its own seal
     # a newer value: the seal opens nothing current any more
@@ -69,8 +71,8 @@ def test_two_instances_stop_after_one_seal_each() -> None:
     admins = value("$admin", "A", 1)
     for ledger in (ledger1, ledger2):
         ledger.add_state(admins)
-    book1.add(seal_of(admins, "S1", content))
-    book2.add(seal_of(admins, "S2", content))
+    book1.add(evolve(seal_of(admins, "S1", content), event_id="$s1"))
+    book2.add(evolve(seal_of(admins, "S2", content), event_id="$s2"))
     first, second = value("$s1", "S1", 2), value("$s2", "S2", 3)
     for ledger in (ledger1, ledger2):
         ledger.add_state(first)
@@ -86,3 +88,16 @@ def test_two_instances_stop_after_one_seal_each() -> None:
 def test_content_hash_ignores_key_order_only() -> None:
     assert content_hash({"a": 1, "b": 2}) == content_hash({"b": 2, "a": 1})
     assert content_hash({"a": 1}) != content_hash({"a": "1"})
+
+
+def test_an_abandoned_seal_gives_way_to_the_previous_one() -> None:
+    ledger, book = RoomLedger(ROOM), SealBook()
+    old = value("$old", "A", 1)
+    sent = evolve(seal_of(old, "S1", {"name": "old"}, ts=1), event_id="$e1")
+    book.add(sent)
+    newer = seal_of(value("$new", "A", 2), "S2", {"name": "new"}, ts=2)
+    book.begin(newer)
+    assert book.latest(ROOM, "m.room.name:") == newer
+    book.finish(newer)  # its event never went out
+    assert book.latest(ROOM, "m.room.name:") == sent
+    assert book.in_flight == set()
