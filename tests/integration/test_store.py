@@ -44,7 +44,7 @@ async def test_ledger_round_trip(store: Store) -> None:
 async def test_queue_audit_and_delivery(store: Store) -> None:
     await store.enqueue(
         [
-            OutboxItem(room_id=ROOM, user_id="@a:x", trigger="join"),
+            OutboxItem(room_id=ROOM, user_id="@a:x", trigger="link"),
             OutboxItem(
                 room_id=ROOM,
                 user_id="@b:x",
@@ -53,12 +53,16 @@ async def test_queue_audit_and_delivery(store: Store) -> None:
                 trigger="request",
                 request_id="r1",
             ),
+            OutboxItem(room_id=ROOM, user_id="@n:x", trigger="join"),  # a newcomer: fast lane
         ]
     )
     pushes = await store.due(10, requests=False)
     requests = await store.due(10, requests=True)
-    assert [i.user_id for i in pushes] == ["@a:x"] and [i.user_id for i in requests] == ["@b:x"]
+    assert [i.user_id for i in pushes] == ["@a:x"]
+    assert sorted(i.user_id for i in requests) == ["@b:x", "@n:x"]
     assert await store.cancel_request("@b:x", "D", "r1") == 1
+    newcomer = next(i for i in requests if i.user_id == "@n:x")
+    await store.finish([newcomer.id], [])
     assert await store.due(10, requests=True) == []
     await store.retry_later([pushes[0].id], 60_000)
     assert await store.due(10, requests=False) == []
