@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from .tracker import SessionSource, Tracker
 
 MAX_PER_CALL = 250
+ENCRYPT_SLICE = 100  # Olm messages a bulk delivery encrypts before letting the fast lane in
 REQUEST_LANE = "request"
 PUSH_LANE = "push"
 PER_ROOM_ITEMS = 1000  # one busy room cannot take a whole batch
@@ -174,6 +175,10 @@ class Courier:
         self.log = log
         self.on_shared = on_shared
         self._wake = {REQUEST_LANE: asyncio.Event(), PUSH_LANE: asyncio.Event()}
+        # Set while the fast lane has nothing in hand: bulk deliveries pause for it between
+        # their calls, so someone waiting for an answer or a newcomer's keys goes first.
+        self._fast_idle = asyncio.Event()
+        self._fast_idle.set()
         self._tasks: list[asyncio.Task] = []
         self.sent_calls = 0  # sendToDevice calls that carried keys, for tests and status
 
@@ -208,7 +213,13 @@ class Courier:
         wake = self._wake[lane]
         while True:
             try:
-                worked = await self.drain(lane)
+                if lane == REQUEST_LANE:
+                    self._fast_idle.clear()
+                try:
+                    worked = await self.drain(lane)
+                finally:
+                    if lane == REQUEST_LANE:
+                        self._fast_idle.set()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -252,6 +263,12 @@ class Courier:
             by_room[item.room_id].append(item)
         contexts: dict[str, RoomContext] = {}
         skipped: list[OutboxItem] = []
+        # The first wave's device keys are looked up while the rooms are read (one round trip
+        # to the homeserver fewer for a newcomer waiting to read the room).
+        everyone = list(dict.fromkeys(i.user_id for i in items))
+        first_devices = (
+            asyncio.create_task(self._devices(set(everyone[:WAVE_USERS]))) if everyone else None
+        )
         for room_id, room_items in by_room.items():
             if not self.tracker.complete(room_id):
                 self.log.warning(f"{room_id} has events not recorded yet; retrying later")
@@ -270,7 +287,12 @@ class Courier:
         source = self.tracker.session_source()
         waves = [users[i : i + WAVE_USERS] for i in range(0, len(users), WAVE_USERS)]
         looked_up = time.monotonic()
-        next_devices = asyncio.create_task(self._devices(set(waves[0]))) if waves else None
+        next_devices = None
+        if waves and first_devices is not None and set(waves[0]) <= set(everyone[:WAVE_USERS]):
+            next_devices, first_devices = first_devices, None
+        elif waves:
+            next_devices = asyncio.create_task(self._devices(set(waves[0])))
+        settle([first_devices])
         try:
             for index, wave in enumerate(waves):
                 assert next_devices is not None
@@ -641,8 +663,10 @@ class Courier:
             if self.on_shared:
                 await self.on_shared(rows)
 
-        answers = all(o.item.trigger == REQUEST_LANE for o in shares)
-        sent, failed, no_olm, calls = await self.olm_send(plan, record, together=answers)
+        # Answers and a newcomer's keys go at once (someone is waiting for them, and a repeat
+        # after a crash is harmless); bulk pushes one call after the other.
+        waiting = all(o.item.trigger in FAST_TRIGGERS for o in shares)
+        sent, failed, no_olm, calls = await self.olm_send(plan, record, together=waiting)
         for o in no_olm:
             o.decision = Withhold(protocol.NO_OLM, "no Olm session could be established")
         return sent, failed, calls
@@ -673,6 +697,8 @@ class Courier:
         calls = 0
 
         async def call(messages: list[tuple[tuple, dict]]) -> int:
+            if not together:
+                await self._fast_idle.wait()
             tokens = [entry[3] for entry, _ in messages]
             chunk = [(e[0].user_id, e[0].device_id, content) for e, content in messages]
             try:
@@ -728,6 +754,8 @@ class Courier:
         try:
             claim(0)
             for index, group in enumerate(groups):
+                if not together:
+                    await self._fast_idle.wait()
                 claim(index + 1)  # the homeserver works on the next claims meanwhile
                 claim(index + 2)
                 sessions = {k: existing[k] for k in group if k in existing}
@@ -740,14 +768,22 @@ class Courier:
                         entries += per_device[key]
                     else:
                         no_olm += [entry[3] for entry in per_device[key]]
-                async with self.crypto._olm_lock:
-                    contents = await self.bulk.encrypt(
-                        [
-                            (device, event_type, content)
-                            for device, event_type, content, _ in entries
-                        ],
-                        sessions,
-                    )
+                # A bulk delivery encrypts in slices and lets the fast lane take the Olm lock
+                # between them (both lanes use the same cached session objects, each slice
+                # stores the ratchets it moved, so nothing forks).
+                step = len(entries) if together else ENCRYPT_SLICE
+                contents = []
+                for start in range(0, len(entries), max(step, 1)):
+                    if not together:
+                        await self._fast_idle.wait()
+                    async with self.crypto._olm_lock:
+                        contents += await self.bulk.encrypt(
+                            [
+                                (device, event_type, content)
+                                for device, event_type, content, _ in entries[start : start + step]
+                            ],
+                            sessions,
+                        )
                 by_round: list[list[tuple[tuple, dict]]] = []
                 depth: dict[str, int] = {}
                 for entry, content in zip(entries, contents, strict=True):

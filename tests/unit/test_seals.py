@@ -91,7 +91,7 @@ def test_content_hash_ignores_key_order_only() -> None:
 
 
 def test_an_abandoned_seal_gives_way_to_the_previous_one() -> None:
-    ledger, book = RoomLedger(ROOM), SealBook()
+    book = SealBook()
     old = value("$old", "A", 1)
     sent = evolve(seal_of(old, "S1", {"name": "old"}, ts=1), event_id="$e1")
     book.add(sent)
