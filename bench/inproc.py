@@ -88,7 +88,14 @@ class InProcessBot:
             await client.crypto.share_keys()
         if before_plugin is not None:
             await before_plugin(client.crypto)
-        overrides = {"push_on_join": False, "self_supply": {"enabled": False}, **(config or {})}
+        # sealing off unless asked for: the other parts measure forwarding, and a seal would
+        # change the room's state under the next bot
+        overrides = {
+            "push_on_join": False,
+            "self_supply": {"enabled": False},
+            "seal": {"enabled": False},
+            **(config or {}),
+        }
         plugin_config = Config(
             load=lambda: overrides, load_base=_packaged_base, save=lambda _: None
         )

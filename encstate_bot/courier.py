@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 MAX_PER_CALL = 250
 ENCRYPT_SLICE = 100  # Olm messages a bulk delivery encrypts before letting the fast lane in
+TOGETHER_ROUNDS = 32  # calls sent at once to one device, below Olm's 40 skipped message keys
 REQUEST_LANE = "request"
 PUSH_LANE = "push"
 PER_ROOM_ITEMS = 1000  # one busy room cannot take a whole batch
@@ -256,19 +257,31 @@ class Courier:
 
         Each room's power and memberships are read once. Users then go in waves of
         WAVE_USERS: the next wave's device keys are queried while this wave is delivered."""
-        started = time.monotonic()
-        outcomes: list[Outcome] = []
-        by_room: dict[str, list[OutboxItem]] = defaultdict(list)
-        for item in items:
-            by_room[item.room_id].append(item)
-        contexts: dict[str, RoomContext] = {}
-        skipped: list[OutboxItem] = []
         # The first wave's device keys are looked up while the rooms are read (one round trip
         # to the homeserver fewer for a newcomer waiting to read the room).
         everyone = list(dict.fromkeys(i.user_id for i in items))
         first_devices = (
             asyncio.create_task(self._devices(set(everyone[:WAVE_USERS]))) if everyone else None
         )
+        try:
+            return await self._deliver(items, everyone, first_devices, dry_run)
+        finally:
+            settle([first_devices])
+
+    async def _deliver(
+        self,
+        items: list[OutboxItem],
+        everyone: list[str],
+        first_devices: asyncio.Task | None,
+        dry_run: bool,
+    ) -> list[Outcome]:
+        started = time.monotonic()
+        by_room: dict[str, list[OutboxItem]] = defaultdict(list)
+        for item in items:
+            by_room[item.room_id].append(item)
+        contexts: dict[str, RoomContext] = {}
+        skipped: list[OutboxItem] = []
+        outcomes: list[Outcome] = []
         for room_id, room_items in by_room.items():
             if not self.tracker.complete(room_id):
                 self.log.warning(f"{room_id} has events not recorded yet; retrying later")
@@ -289,10 +302,9 @@ class Courier:
         looked_up = time.monotonic()
         next_devices = None
         if waves and first_devices is not None and set(waves[0]) <= set(everyone[:WAVE_USERS]):
-            next_devices, first_devices = first_devices, None
+            next_devices = first_devices
         elif waves:
             next_devices = asyncio.create_task(self._devices(set(waves[0])))
-        settle([first_devices])
         try:
             for index, wave in enumerate(waves):
                 assert next_devices is not None
@@ -683,9 +695,10 @@ class Courier:
         sendToDevice call per message a device gets. While a group's calls are in flight the
         next group is claimed and encrypted. ``on_sent`` gets the tokens of each call that went
         through. A group's calls go one after the other, so a crash repeats at most the one in
-        flight; with ``together`` (answers to requests, where a repeat is harmless and latency
-        matters) they go at once: each carries one message per device, and Olm accepts a
-        session's messages in any order. Returns (sent, failed, no Olm session, calls)."""
+        flight; with ``together`` (answers, a newcomer's keys: a repeat is harmless and latency
+        matters) up to TOGETHER_ROUNDS go at once: each carries one message per device, and Olm
+        accepts a session's messages out of order within its 40 skipped message keys. Returns
+        (sent, failed, no Olm session, calls)."""
         per_device: dict[str, list[tuple[DeviceIdentity, EventType, Any, Any]]] = {}
         for entry in plan:
             per_device.setdefault(entry[0].identity_key, []).append(entry)
@@ -715,7 +728,14 @@ class Courier:
 
         async def deliver(rounds_: list[list[tuple[tuple, dict]]]) -> int:
             if together:
-                return sum(await asyncio.gather(*(call(messages) for messages in rounds_)))
+                # At most TOGETHER_ROUNDS messages per device in flight at once: a receiver
+                # keeps only 40 skipped Olm message keys (libolm, vodozemac), so the
+                # homeserver must never store one of a device's messages behind 40 later ones.
+                done = 0
+                for start in range(0, len(rounds_), TOGETHER_ROUNDS):
+                    window = rounds_[start : start + TOGETHER_ROUNDS]
+                    done += sum(await asyncio.gather(*(call(messages) for messages in window)))
+                return done
             return sum([await call(messages) for messages in rounds_])
 
         groups = [keys[i : i + MAX_PER_CALL] for i in range(0, len(keys), MAX_PER_CALL)]

@@ -15,6 +15,11 @@ class TokenBuckets:
         self.max_keys = max_keys
         self._buckets: OrderedDict[object, tuple[float, float]] = OrderedDict()
 
+    def tokens(self, key: object, now: float) -> float:
+        """The tokens a key has now, taking none."""
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + (now - last) * self.per_second)
+
     def allow(self, key: object, now: float) -> bool:
         tokens, last = self._buckets.pop(key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - last) * self.per_second)

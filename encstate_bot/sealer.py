@@ -243,9 +243,11 @@ class Sealer:
         now = time.monotonic()
         allowed = []
         for record, content in todo:
-            if self._per_key.allow((room_id, record.outer_key), now) and self._per_room.allow(
-                room_id, now
-            ):
+            key = (room_id, record.outer_key)
+            # both budgets must have a token before either is charged
+            if self._per_key.tokens(key, now) >= 1 and self._per_room.tokens(room_id, now) >= 1:
+                self._per_key.allow(key, now)
+                self._per_room.allow(room_id, now)
                 allowed.append((record, content))
         if len(allowed) < len(todo):
             self.log.info(
@@ -255,9 +257,49 @@ class Sealer:
             self.mark(room_id, 1 / KEY_PER_SECOND)
         return allowed
 
+    async def _adopt(self, room_id: str) -> None:
+        """Seals whose event is in the room although the bot never learned its ID (the answer
+        to the PUT was lost): record the event, send the invitees their preview keys and queue
+        the members' keys (those who have it already are skipped)."""
+        ledger = self.tracker.ledgers.get(room_id)
+        if ledger is None or self.client.crypto is None:
+            return
+        for record in ledger.current_state():
+            seal = self.book.get(room_id, record.session_id)
+            if seal is None or seal.event_id is not None:
+                continue
+            seal = evolve(seal, event_id=record.event_id)
+            await self.store.put_seal(seal)
+            self.book.finish(seal)
+            self.log.info(f"Seal {seal.session_id} of {room_id} was sent as {seal.event_id}")
+            joined, invited = await self._members(room_id)
+            approved, _, _ = await self.courier.approved_devices(room_id, joined + invited)
+            preview = is_preview(seal.inner_type, self.preview_types())
+            later = [
+                (a.device, seal.room_key())
+                for a in approved
+                if a.membership != "join" and (preview or a.reach == ALL)
+            ]
+            await self.courier.send_room_keys(
+                room_id, later, trigger="seal", reason="preview seal for an invitee"
+            )
+            await self.courier.submit(
+                [
+                    OutboxItem(
+                        room_id=room_id,
+                        user_id=user_id,
+                        session_id=seal.session_id,
+                        trigger="seal",
+                    )
+                    for user_id in joined
+                    if user_id != self.client.mxid
+                ]
+            )
+
     async def _seal_room(
         self, room_id: str, dry_run: bool, limited: bool, made: list[Seal]
     ) -> SealReport:
+        await self._adopt(room_id)
         plan = await self.plan(room_id)
         if not plan.todo or plan.problem or dry_run:
             if plan.todo and plan.problem:
