@@ -621,7 +621,12 @@ class Commands:
         reply.facts(
             [
                 ("Shares with", _mode_text(policy.mode)),
-                ("Invited users", "treated as members" if policy.share_with_invited else "not"),
+                (
+                    "Invited users",
+                    "get every seal, as members do"
+                    if policy.share_with_invited
+                    else "get the preview seals (name, topic, avatar)",
+                ),
                 ("Dry run", "on: decides and records, sends nothing" if policy.dry_run else "off"),
             ]
         )

@@ -154,7 +154,7 @@ async def test_policy_flags_and_usage_errors(maubot_test_bot, maubot_plugin) -> 
     body, _ = await run(
         maubot_test_bot, maubot_plugin, "!encstate policy --invited on --dry-run on"
     )
-    assert "treated as members" in body and "sends nothing" in body
+    assert "get every seal, as members do" in body and "sends nothing" in body
     policy = maubot_plugin.room_policy(ROOM)
     assert policy.share_with_invited and policy.dry_run and policy.mode.value == "members"
     body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate policy --invited maybe")
