@@ -292,21 +292,6 @@ class BulkOlm:
 
     # Olm sessions -------------------------------------------------------------------------------
 
-    async def sessions(self, devices: Iterable[DeviceIdentity]) -> dict[str, Session]:
-        """The newest Olm session with each device, creating the missing ones with one claim.
-        Devices without a session afterwards (no one-time key) are absent from the result."""
-        devices = list(devices)
-        result = await self.store.latest_sessions(d.identity_key for d in devices)
-        result.update(
-            await self.create_sessions(d for d in devices if d.identity_key not in result)
-        )
-        return result
-
-    async def create_sessions(self, devices: Iterable[DeviceIdentity]) -> dict[str, Session]:
-        """New Olm sessions with these devices, from one one-time-key claim."""
-        devices = list(devices)
-        return await self.sessions_from_claim(devices, await self.claim(devices))
-
     async def claim(self, devices: list[DeviceIdentity]) -> dict[str, Any]:
         """Claim one one-time key for each device (the HTTP part, so a caller can overlap it
         with other work). Returns the claimed keys as user -> device -> {key id: key}.

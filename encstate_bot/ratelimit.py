@@ -52,9 +52,6 @@ class RecentSet:
             self._seen.popitem(last=False)
         return False
 
-    def forget(self, key: object) -> None:
-        self._seen.pop(key, None)
-
     def _expire(self, now: float) -> None:
         while self._seen:
             key, ts = next(iter(self._seen.items()))

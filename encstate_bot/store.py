@@ -493,9 +493,9 @@ class Store:
         return fast if requests else f"NOT ({fast})"
 
     async def due(
-        self, limit: int, requests: bool, per_room: int | None = None, now: int | None = None
+        self, limit: int, requests: bool, per_room: int | None = None
     ) -> list[OutboxItem]:
-        """Due queue items of one lane (key requests, or pushes), oldest first, at most
+        """Due queue items of one lane (the fast one, or bulk pushes), oldest first, at most
         ``per_room`` from any one room so a busy room cannot starve the others."""
         rows = await self.db.fetch(
             "SELECT id, room_id, user_id, device_id, session_id, trigger, request_id, via, "
@@ -503,7 +503,7 @@ class Store:
             "(PARTITION BY room_id ORDER BY id) AS room_rank FROM encstate_outbox "
             f"WHERE {self._lane(requests)} AND not_before <= $1) AS due "
             "WHERE room_rank <= $2 ORDER BY id LIMIT $3",
-            now if now is not None else now_ms(),
+            now_ms(),
             per_room or limit,
             limit,
         )
