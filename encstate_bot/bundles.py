@@ -72,7 +72,7 @@ class Bundles:
             # a room whose latest events are not recorded may hide messages in its sessions
             return [], []
         item = OutboxItem(room_id=room_id, user_id=user_id, trigger=BOT_INVITE)
-        context = await bot.courier._room_context(room_id, [item])
+        context = await bot.courier.room_context(room_id, [item])
         source = bot.tracker.session_source()
         who = Requester(
             user_id=user_id,
@@ -90,7 +90,7 @@ class Bundles:
         others = [s for s in ledger.state_sessions() if not seals.is_seal(room_id, s)]
         for session_id in list(live) + others:
             seal = live.get(session_id)
-            group_session, held = await bot.courier._held(source, room_id, session_id)
+            group_session, held = await bot.courier.held(source, room_id, session_id)
             if seal is not None:
                 decision = decide_seal(
                     context.facts,

@@ -288,7 +288,7 @@ class Courier:
                 skipped += room_items
                 continue
             try:
-                contexts[room_id] = await self._room_context(room_id, room_items)
+                contexts[room_id] = await self.room_context(room_id, room_items)
             except (MatrixRequestError, MatrixConnectionError) as e:
                 self.log.warning(f"Could not read {room_id} for delivery, retrying later: {e}")
                 skipped += room_items
@@ -408,7 +408,7 @@ class Courier:
                     states[user_id] = _member_state(user_id, evt)
         return {u: states.get(u, (None, False)) for u in user_ids}
 
-    async def _room_context(self, room_id: str, items: list[OutboxItem]) -> RoomContext:
+    async def room_context(self, room_id: str, items: list[OutboxItem]) -> RoomContext:
         """What the decisions in one room depend on, read fresh for this batch."""
         (facts, policy), states = await asyncio.gather(
             self._room_facts(room_id), self.member_states(room_id, {i.user_id for i in items})
@@ -457,7 +457,7 @@ class Courier:
                         else SessionFacts(session_id=session_id, kind=SessionKind.UNKNOWN)
                     )
                     if session_id not in held_cache:
-                        held_cache[session_id] = await self._held(source, room_id, session_id)
+                        held_cache[session_id] = await self.held(source, room_id, session_id)
                     group_session, held = held_cache[session_id]
                     sender_key = group_session.sender_key if group_session else None
                 else:
@@ -581,9 +581,10 @@ class Courier:
             return False, True
         return trust >= TrustState.CROSS_SIGNED_TOFU, False
 
-    async def _held(
+    async def held(
         self, source: SessionSource, room_id: str, session_id: str
     ) -> tuple[Any, HeldSession | None]:
+        """The megolm session as the bot holds it, and what the policy needs to know of it."""
         session = await source.get(room_id, session_id)
         if session is None:
             return None, None
@@ -830,7 +831,7 @@ class Courier:
         policy mode, blacklist, cross-signing), each with which seals it may read; the
         refusals as audit rows; and the policy."""
         items = [OutboxItem(room_id=room_id, user_id=u, trigger="own") for u in user_ids]
-        context = await self._room_context(room_id, items)
+        context = await self.room_context(room_id, items)
         devices = await self._devices(set(user_ids))
         approved: list[Approved] = []
         refused: list[AuditRow] = []

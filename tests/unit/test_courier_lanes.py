@@ -266,7 +266,7 @@ async def test_finding_2_a_failed_room_read_leaves_the_key_query_task_running() 
         await probe.started.wait()
         raise RuntimeError("database is locked")
 
-    courier._room_context = room_context  # type: ignore[method-assign]
+    courier.room_context = room_context  # type: ignore[method-assign]
     item = OutboxItem(room_id=ROOM, user_id=USER, trigger="join", id=1)
     try:
         await courier.deliver([item])
@@ -293,7 +293,7 @@ async def test_finding_2b_stopping_the_courier_mid_batch_leaves_the_key_query_ru
     async def room_context(room_id, items):
         await asyncio.Event().wait()  # a slow homeserver
 
-    courier._room_context = room_context  # type: ignore[method-assign]
+    courier.room_context = room_context  # type: ignore[method-assign]
     item = OutboxItem(room_id=ROOM, user_id=USER, trigger="join", id=1)
     batch = asyncio.create_task(courier.deliver([item]))
     await probe.started.wait()
