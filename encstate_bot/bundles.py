@@ -21,8 +21,8 @@ from mautrix.types import EventType
 
 from . import protocol
 from .courier import BOT_INVITE
-from .policy import Requester, SealFacts, Share, Withhold, decide, decide_seal
-from .seals import is_preview
+from .policy import Requester, Share, Withhold, decide, decide_seal
+from .seals import seal_facts
 from .store import AuditRow, OutboxItem
 
 if TYPE_CHECKING:
@@ -85,9 +85,8 @@ class Bundles:
         room_keys: list[dict] = []
         withheld: list[dict] = []
         seals = bot.courier.seals
-        live = {seal.session_id: seal for seal in seals.live(ledger)}
+        live, others = seals.shareable(ledger)
         preview = bot.courier.preview_types()
-        others = [s for s in ledger.state_sessions() if not seals.is_seal(room_id, s)]
         for session_id in list(live) + others:
             seal = live.get(session_id)
             group_session, held = await bot.courier.held(source, room_id, session_id)
@@ -95,7 +94,7 @@ class Bundles:
                 decision = decide_seal(
                     context.facts,
                     who,
-                    SealFacts(seal.inner_type, is_preview(seal.inner_type, preview), True),
+                    seal_facts(seal, True, preview),
                 )
             else:
                 decision = decide(context.facts, who, ledger.facts(session_id), held)

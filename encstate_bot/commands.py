@@ -764,10 +764,7 @@ class Commands:
             )
             return
         view = bot.tracker.view(room)
-        needed = max(
-            [view.state_level("m.room.encrypted")]
-            + [view.state_level(r.inner_type or "") for r, _ in plan.todo]
-        )
+        needed = bot.sealer.needed_level(room, [r.inner_type or "" for r, _ in plan.todo])
         have = view.user_level(evt.sender)
         if have < needed:
             await self.reply(

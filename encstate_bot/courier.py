@@ -40,7 +40,6 @@ from .policy import (
     Mode,
     Requester,
     RoomFacts,
-    SealFacts,
     Share,
     Withhold,
     admit_device,
@@ -48,7 +47,7 @@ from .policy import (
     decide_seal,
     reach,
 )
-from .seals import SealBook, is_preview
+from .seals import SealBook, seal_facts
 from .store import FAST_TRIGGERS, AuditRow, OutboxItem, Store
 
 if TYPE_CHECKING:
@@ -430,12 +429,7 @@ class Courier:
         room_id, facts, policy = context.room_id, context.facts, context.policy
         admitted = context.admitted
         ledger = self.tracker.ledgers.get(room_id)
-        live = {seal.session_id: seal for seal in self.seals.live(ledger)}
-        others = [
-            s
-            for s in (ledger.state_sessions() if ledger else [])
-            if not self.seals.is_seal(room_id, s)
-        ]
+        live, others = self.seals.shareable(ledger)
         preview_types = self.preview_types()
         held_cache: dict[str, tuple[Any, HeldSession | None]] = {}
         outcomes: list[Outcome] = []
@@ -461,11 +455,7 @@ class Courier:
                     group_session, held = held_cache[session_id]
                     sender_key = group_session.sender_key if group_session else None
                 else:
-                    seal_facts = SealFacts(
-                        seal.inner_type,
-                        is_preview(seal.inner_type, preview_types),
-                        session_id in live,
-                    )
+                    sealed = seal_facts(seal, session_id in live, preview_types)
                     sender_key = self.crypto.account.identity_key if self.crypto else None
                 for device_id, device in targets:
                     if (item.user_id, device_id, session_id) in seen:
@@ -481,14 +471,12 @@ class Courier:
                     if unasked and who.membership != "join":
                         # Unasked, someone not joined gets the seals within their reach and
                         # hears nothing about the rest.
-                        if seal is None or not (
-                            seal_facts.preview or reach(facts, who) != PREVIEW
-                        ):
+                        if seal is None or not (sealed.preview or reach(facts, who) != PREVIEW):
                             continue
                     if seal is None:
                         decision = decide(facts, who, session, held)
                     else:
-                        decision = decide_seal(facts, who, seal_facts)
+                        decision = decide_seal(facts, who, sealed)
                     if (
                         isinstance(decision, Share)
                         and unasked

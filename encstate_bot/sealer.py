@@ -167,6 +167,11 @@ class Sealer:
                 self._hashes.pop(next(iter(self._hashes)))
         return self._hashes[key]
 
+    def needed_level(self, room_id: str, types: list[str]) -> int:
+        """The power level it takes to send these types as encrypted state."""
+        view = self.tracker.view(room_id)
+        return max([view.state_level("m.room.encrypted")] + [view.state_level(t) for t in types])
+
     def missing_power(self, room_id: str, types: list[str]) -> str | None:
         view = self.tracker.view(room_id)
         level = view.user_level(self.client.mxid)
@@ -174,7 +179,7 @@ class Sealer:
             return (
                 f"the bot's power level {level} does not exceed users_default {view.users_default}"
             )
-        needed = max([view.state_level("m.room.encrypted")] + [view.state_level(t) for t in types])
+        needed = self.needed_level(room_id, types)
         if level < needed:
             return f"sealing needs power level {needed} to send this state; the bot has {level}"
         return None

@@ -18,8 +18,9 @@ from typing import Any, Iterable
 
 from attr import dataclass
 
-from . import protocol
 from .ledger import RoomLedger, StateRecord
+from .own_sessions import room_key_content
+from .policy import SealFacts
 
 # The state an invitee or a member of an admitting room may read before joining (MSC3414's
 # "aesthetic" state), unless the config names others.
@@ -42,13 +43,8 @@ class Seal:
     def room_key(self) -> dict[str, Any]:
         """The ``m.room_key`` content that opens the seal, flagged shared history (MSC4268),
         so a member's client puts it in the bundle it sends with its own invites."""
-        return {
-            "algorithm": protocol.MEGOLM_ALGORITHM,
-            "room_id": self.room_id,
-            "session_id": self.session_id,
-            "session_key": self.session_key,
-            "shared_history": True,
-        }
+        content = room_key_content(self.room_id, self.session_id, self.session_key)
+        return {**content, "shared_history": True}
 
     def seals(self, record: StateRecord) -> bool:
         """Whether this seal opens the event that is ``record`` (its own event, or the value
@@ -150,6 +146,15 @@ class SealBook:
                     live.append(own)
         return live
 
+    def shareable(self, ledger: RoomLedger | None) -> tuple[dict[str, Seal], list[str]]:
+        """What a room has to hand out: its live seals by session, and the other sessions that
+        carry current state (anyone else's, for joined members only)."""
+        if ledger is None:
+            return {}, []
+        live = {seal.session_id: seal for seal in self.live(ledger)}
+        others = [s for s in ledger.state_sessions() if not self.is_seal(ledger.room_id, s)]
+        return live, others
+
     def sealed(self, ledger: RoomLedger, record: StateRecord) -> bool:
         """Whether a current value is opened by one of the bot's seals."""
         seal = self.latest(ledger.room_id, record.outer_key)
@@ -171,3 +176,8 @@ def needs_seal(book: SealBook, ledger: RoomLedger, record: StateRecord, digest: 
 
 def is_preview(event_type: str | None, preview_types: Iterable[str]) -> bool:
     return event_type in tuple(preview_types)
+
+
+def seal_facts(seal: Seal, live: bool, preview_types: Iterable[str]) -> SealFacts:
+    """One seal as the policy sees it."""
+    return SealFacts(seal.inner_type, is_preview(seal.inner_type, preview_types), live)

@@ -101,3 +101,18 @@ def test_an_abandoned_seal_gives_way_to_the_previous_one() -> None:
     book.finish(newer)  # its event never went out
     assert book.latest(ROOM, "m.room.name:") == sent
     assert book.in_flight == set()
+
+
+def test_a_seal_opens_nothing_while_the_server_names_a_value_the_bot_cannot_read() -> None:
+    """PROTOCOL.md rule 8 through seals: the homeserver's current event for the key wins; while
+    the bot cannot read it, its older seal is not handed out."""
+    ledger, book = RoomLedger(ROOM), SealBook()
+    admins = value("$admin", "A", 1)
+    ledger.add_state(admins)
+    book.add(evolve(seal_of(admins, "S1", {"name": "N"}), event_id="$seal"))
+    ledger.add_state(value("$seal", "S1", 2))
+    assert [s.session_id for s in book.live(ledger)] == ["S1"]
+    unreadable = evolve(value("$new", "X", 3), status=Status.PENDING)
+    ledger.add_state(unreadable)
+    ledger.set_server_current("m.room.name:", "$new")
+    assert book.live(ledger) == [] and book.shareable(ledger) == ({}, [])
