@@ -10,7 +10,8 @@ import time
 from aiohttp import ClientSession
 from mautrix.types import EventType, UserID
 
-from encstate_bot.courier import forwarded_content
+from encstate_bot import glue
+from encstate_bot.room_keys import forwarded_content
 from encstate_bot.store import OutboxItem
 from harness.synapse import Synapse
 
@@ -125,9 +126,7 @@ async def stock_push(bot: InProcessBot, room: Room, users: list[list[Device]]):
         forwarded_content(s.inbound(), room.room_id, s.id, 0, False) for s in room.sessions
     ]
     with Timer() as timer:
-        devices = await crypto._fetch_keys(
-            [UserID(u[0].user_id) for u in users], include_untracked=True
-        )
+        devices = await glue.fetch_keys(crypto, [UserID(u[0].user_id) for u in users])
         forwards = 0
         for user_devices in devices.values():
             for device in user_devices.values():

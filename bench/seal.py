@@ -9,7 +9,8 @@ import time
 
 from aiohttp import ClientSession
 
-from encstate_bot.store import OutboxItem, RoomRow
+from encstate_bot.room_policy import Overrides
+from encstate_bot.store import OutboxItem
 from harness.synapse import Synapse
 
 from .fanout import Room, make_room
@@ -29,11 +30,12 @@ async def sealing_bot(synapse, http, workdir, name, bot_user, rooms: list[Room])
         for session in room.sessions:
             await session.give_to(plugin.client.crypto)
             await plugin.tracker.session_received(room.room_id, session.id)
+    await plugin.intake.react()
     return bot
 
 
 def seal_on(plugin, room_id: str) -> None:
-    plugin.room_rows[room_id] = RoomRow(room_id, None, True, None, None, None, seal=True)
+    plugin.policies.overrides[room_id] = Overrides(seal=True)
 
 
 async def sync_back(pop: Population, plugin, admin, room: Room) -> None:
@@ -50,6 +52,7 @@ async def sync_back(pop: Population, plugin, admin, room: Room) -> None:
                 )
             )
     await plugin.tracker.ingest(room.room_id, raws, current=True)
+    await plugin.intake.react()
 
 
 async def new_topic(pop: Population, room: Room, admin, text: str) -> dict:
@@ -68,21 +71,21 @@ async def new_topic(pop: Population, room: Room, admin, text: str) -> dict:
 
 
 class Arrivals:
-    """Which (device, session) the courier has delivered, told by its on_shared hook as each
-    sendToDevice call goes through (polling the database would load the loop it measures)."""
+    """Which (device, session) the courier has delivered, told by the audit's announcement as
+    each sendToDevice call goes through (polling the database would load the loop it
+    measures)."""
 
     def __init__(self, plugin) -> None:
         self.got: set[tuple[str, str]] = set()
         self.changed = asyncio.Event()
-        previous = plugin.courier.on_shared
+        previous = plugin.audit.announce
 
-        async def on_shared(rows) -> None:
+        async def announce(rows) -> None:
             self.got.update((r.device_id, r.session_id) for r in rows)
             self.changed.set()
-            if previous is not None:
-                await previous(rows)
+            await previous(rows)
 
-        plugin.courier.on_shared = on_shared
+        plugin.audit.announce = announce
 
     async def wait(self, device_id: str, sessions: set[str]) -> None:
         while not all((device_id, s) in self.got for s in sessions):
@@ -174,6 +177,7 @@ async def run(synapse: Synapse, http: ClientSession, workdir: str, report: Repor
         raw = await new_topic(pop, big, admin, "sealed at scale")
         with Timer() as warm:
             await plugin.tracker.ingest(big.room_id, [raw], current=True)
+            await plugin.intake.react()  # as the intake does after every sync
             while True:
                 latest = plugin.seals.latest(big.room_id, "m.room.topic:")
                 if latest and latest.source_event_id == raw["event_id"] and latest.event_id:

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any, Awaitable, Callable
 
-from encstate_bot.olm_store import BulkOlmStore
+from encstate_bot.glue import BulkOlmStore
 
 from . import fanout
 from .profile import cold_push_setup
@@ -51,7 +51,7 @@ async def main(count: int) -> None:
         plugin = bot.plugin
         assert plugin is not None
         line = Timeline()
-        api, bulk = plugin.client.api, plugin.courier.bulk
+        api, bulk = plugin.client.api, plugin.transport.bulk
         request = api.request
 
         async def traced_request(method: Any, path: Any, *args: Any, **kwargs: Any) -> Any:

@@ -5,7 +5,8 @@ mautrix-python's own paths do one HTTP call and one commit per device and check 
 signatures in pure Python (about 1 ms each); here the signatures go through python-olm's C
 implementation (0.1 ms) and the store writes are batched. What is stored is what mautrix would
 store (device identities, cross-signing keys and signatures, Olm sessions), through its own
-crypto-store methods, so the shared Olm machine keeps working on it.
+crypto-store methods, so the shared Olm machine keeps working on it. The libolm calls and the
+raw access to mautrix's crypto store are in glue.py.
 """
 
 from __future__ import annotations
@@ -16,17 +17,15 @@ from datetime import datetime
 import json
 from json.encoder import encode_basestring_ascii as _json_str
 import logging
-import secrets
-import threading
 from typing import Any, Iterable
 
-from _libolm import ffi, lib
 from mautrix.api import Method, Path
 from mautrix.crypto.sessions import Session
 from mautrix.types import CrossSigner, CrossSigningUsage, DeviceIdentity, TrustState
 import olm
 
-from .olm_store import BulkOlmStore
+from .glue import BulkOlmStore, ed25519_verify, olm_encrypt
+from .tasks import settle
 
 OLM_ALGORITHM = "m.olm.v1.curve25519-aes-sha2"
 QUERY_CHUNK = 250  # users per /keys/query
@@ -45,87 +44,13 @@ def canonical_json(data: Any) -> str:
 
 
 def verify_json(data: Any, user_id: str, key_name: str, key: str) -> bool:
-    """Check an ed25519 signature on a signed JSON object with libolm."""
+    """Check an ed25519 signature on a signed JSON object with libolm (through glue)."""
     try:
         signature = data["signatures"][user_id][f"ed25519:{key_name}"]
         unsigned = {k: v for k, v in data.items() if k not in ("signatures", "unsigned")}
         return ed25519_verify(key, canonical_json(unsigned), signature)
     except (KeyError, TypeError, AttributeError, ValueError):
         return False
-
-
-_utilities = threading.local()
-
-
-def ed25519_verify(key: str, message: str, signature: str) -> bool:
-    """Whether ``signature`` (unpadded base64) signs ``message`` for the ed25519 ``key``.
-
-    The same libolm call as ``olm.ed25519_verify``, with a libolm utility object per thread:
-    python-olm shares one between all threads, set up on first use without a lock, and clears
-    its copy of the message byte by byte in Python (signed JSON is public; nothing to clear)."""
-    utility = getattr(_utilities, "utility", None)
-    if utility is None:
-        buffer = ffi.new("char[]", lib.olm_utility_size())
-        utility = _utilities.utility = lib.olm_utility(buffer)
-        _utilities.buffer = buffer  # the utility lives in this buffer
-    if not isinstance(key, str) or not isinstance(signature, str):
-        raise TypeError("key and signature must be strings")
-    key_bytes = key.encode()
-    message_bytes = message.encode()
-    signature_bytes = bytearray(signature, "utf-8")  # libolm decodes it in place
-    result = lib.olm_ed25519_verify(
-        utility,
-        key_bytes,
-        len(key_bytes),
-        message_bytes,
-        len(message_bytes),
-        ffi.from_buffer(signature_bytes),
-        len(signature_bytes),
-    )
-    return result != lib.olm_error()
-
-
-def olm_encrypt(session: olm.Session, plaintext: str) -> tuple[int, str]:
-    """Encrypt with an Olm session: (message type, base64 body), as ``Session.encrypt``.
-
-    python-olm's own method clears its copy of the plaintext one byte at a time in Python,
-    which costs more than the encryption (about 0.1 ms for a forwarded room key); this makes
-    the same libolm calls and clears the copy in one step."""
-    data = bytearray(plaintext, "utf-8")
-    pointer = session._session
-    random_length = lib.olm_encrypt_random_length(pointer)
-    random = secrets.token_bytes(random_length)
-    message_type = lib.olm_encrypt_message_type(pointer)
-    session._check_error(message_type)
-    length = lib.olm_encrypt_message_length(pointer, len(data))
-    buffer = ffi.new("char[]", length)
-    try:
-        session._check_error(
-            lib.olm_encrypt(
-                pointer,
-                ffi.from_buffer(data),
-                len(data),
-                ffi.from_buffer(random),
-                random_length,
-                buffer,
-                length,
-            )
-        )
-    finally:
-        data[:] = bytes(len(data))
-    return message_type, ffi.unpack(buffer, length).decode()
-
-
-def settle(tasks: Iterable[asyncio.Future | None]) -> None:
-    """Cancel what is still running and retrieve what failed (it was logged or raised by the
-    caller already), so that nothing is left for asyncio to complain about."""
-    for task in tasks:
-        if task is None:
-            continue
-        if not task.done():
-            task.cancel()
-        elif not task.cancelled():
-            task.exception()
 
 
 def _first_ed25519(key: Any) -> str | None:

@@ -12,7 +12,8 @@ joined members, never into a bundle for an invitee.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+import logging
+from typing import Any
 
 from attr import dataclass
 from mautrix.crypto.attachments import encrypt_attachment
@@ -20,13 +21,17 @@ from mautrix.errors import MatrixConnectionError, MatrixRequestError
 from mautrix.types import EventType
 
 from . import protocol
-from .courier import BOT_INVITE
-from .policy import Requester, Share, Withhold, decide, decide_seal
-from .seals import seal_facts
-from .store import AuditRow, OutboxItem
-
-if TYPE_CHECKING:
-    from .bot import EncStateBot
+from .courier import Courier
+from .gather import Gatherer
+from .identity import Identity
+from .links import RoomLinks
+from .members import Members
+from .planner import bundle
+from .policy import Share
+from .room_keys import bundle_entry
+from .store import AuditRow, OutboxItem, Store
+from .tracker import Tracker
+from .triggers import Trigger
 
 BUNDLE_TYPES = (
     EventType.find("m.room_key_bundle", EventType.Class.TO_DEVICE),
@@ -43,105 +48,84 @@ class BundleReport:
 
 
 class Bundles:
-    def __init__(self, bot: EncStateBot) -> None:
-        self.bot = bot
-
-    @property
-    def log(self) -> Any:
-        return self.bot.log
+    def __init__(
+        self,
+        client: Any,
+        config: Any,
+        store: Store,
+        tracker: Tracker,
+        courier: Courier,
+        gather: Gatherer,
+        identity: Identity,
+        members: Members,
+        links: RoomLinks,
+        log: logging.Logger,
+    ) -> None:
+        self.client = client
+        self.config = config
+        self.store = store
+        self.tracker = tracker
+        self.courier = courier
+        self.gather = gather
+        self.identity = identity
+        self.members = members
+        self.links = links
+        self.log = log
 
     async def invite(self, room_id: str, user_id: str) -> BundleReport | None:
         """Invite a user, then send them the bundle and queue forwarded keys for clients that
         take those."""
-        await self.bot.client.invite_user(room_id, user_id)
+        await self.client.invite_user(room_id, user_id)
         self.log.info(f"Invited {user_id} to {room_id}")
-        await self.bot.courier.submit(
-            [OutboxItem(room_id=room_id, user_id=user_id, trigger=BOT_INVITE)]
+        await self.courier.submit(
+            [OutboxItem(room_id=room_id, user_id=user_id, trigger=Trigger.BOT_INVITE)]
         )
-        if not self.bot.config["send_bundles"]:
+        if not self.config["send_bundles"]:
             return None
         return await self.send(room_id, user_id)
 
     async def contents(self, room_id: str, user_id: str) -> tuple[list[dict], list[dict]]:
-        """The bundle for someone the bot invited: (room keys, withheld), from the policy, for
-        the membership the homeserver reports now (not the one the invite assumed), as a
-        cross-signed device (bundles go to no other). With dry run on it carries no keys."""
-        bot = self.bot
-        ledger = bot.tracker.ledgers.get(room_id)
-        if ledger is None or not bot.tracker.complete(room_id):
+        """The bundle for someone the bot invited: (room keys, withheld), as the planner
+        decides it for the membership the homeserver reports now."""
+        if self.tracker.ledgers.get(room_id) is None or not self.tracker.complete(room_id):
             # a room whose latest events are not recorded may hide messages in its sessions
             return [], []
-        item = OutboxItem(room_id=room_id, user_id=user_id, trigger=BOT_INVITE)
-        context = await bot.courier.room_context(room_id, [item])
-        source = bot.tracker.session_source()
-        who = Requester(
-            user_id=user_id,
-            device_id="",
-            membership=context.memberships.get(user_id),
-            invited_by_bot=True,
-            cross_signed=True,
-            removed=user_id in context.removed,
+        item = OutboxItem(room_id=room_id, user_id=user_id, trigger=Trigger.BOT_INVITE)
+        context = await self.gather.room(room_id, [item])
+        batch, groups = await self.gather.batch(
+            context, [item], {}, self.tracker.session_source(), hold_seals=True
         )
         room_keys: list[dict] = []
         withheld: list[dict] = []
-        seals = bot.courier.seals
-        live, others = seals.shareable(ledger)
-        preview = bot.courier.preview_types()
-        for session_id in list(live) + others:
-            seal = live.get(session_id)
-            group_session, held = await bot.courier.held(source, room_id, session_id)
-            if seal is not None:
-                decision = decide_seal(
-                    context.facts,
-                    who,
-                    seal_facts(seal, True, preview),
-                )
-            else:
-                decision = decide(context.facts, who, ledger.facts(session_id), held)
-            if isinstance(decision, Share) and context.policy.dry_run:
-                decision = Withhold(
-                    protocol.UNAUTHORISED, f"dry run: would share from index {decision.index}"
-                )
-            sender_key = group_session.sender_key if group_session is not None else ""
-            if isinstance(decision, Share) and group_session is not None:
-                room_keys.append(
-                    {
-                        "algorithm": protocol.MEGOLM_ALGORITHM,
-                        "room_id": room_id,
-                        "sender_key": sender_key,
-                        "session_id": session_id,
-                        "session_key": group_session.export_session(decision.index),
-                        "sender_claimed_keys": {"ed25519": group_session.signing_key},
-                        "forwarding_curve25519_key_chain": list(
-                            group_session.forwarding_chain or []
-                        ),
-                        "shared_history": True,
-                    }
-                )
-            elif not isinstance(decision, Share):
-                code = getattr(decision, "code", protocol.UNAUTHORISED)
-                withheld.append(
-                    protocol.withheld_content(
-                        room_id, session_id, sender_key, code, decision.reason
+        for session_id, decision in bundle(batch, user_id):
+            group_session = groups.get(session_id)
+            if isinstance(decision, Share):
+                if group_session is not None:
+                    room_keys.append(
+                        bundle_entry(group_session, room_id, session_id, decision.index)
                     )
-                )
+                continue
+            sender_key = group_session.sender_key if group_session is not None else ""
+            code = getattr(decision, "code", protocol.UNAUTHORISED)
+            withheld.append(
+                protocol.withheld_content(room_id, session_id, sender_key, code, decision.reason)
+            )
         return room_keys, withheld
 
     async def send(self, room_id: str, user_id: str) -> BundleReport:
-        bot = self.bot
         room_keys, withheld = await self.contents(room_id, user_id)
         blob = json.dumps({"room_keys": room_keys, "withheld": withheld}).encode()
         ciphertext, file = encrypt_attachment(blob)
-        file.url = await bot.client.upload_media(
+        file.url = await self.client.upload_media(
             ciphertext, mime_type="application/octet-stream", filename="bundle"
         )
         content = {"room_id": room_id, "file": file.serialize()}
-        devices = (await bot.courier.bulk.devices({user_id})).get(user_id, {})
+        devices = (await self.gather.devices({user_id})).get(user_id, {})
         targets = []
         for device in devices.values():
             if device.deleted:
                 continue
-            cross_signed, _ = await bot.courier.trust(device)
+            cross_signed, _ = await self.identity.trust(device)
             if cross_signed:
                 targets.append(device)
         plan = [
@@ -152,7 +136,7 @@ class Bundles:
         sent: list[Any] = []
         if plan:
             try:
-                sent, _, _, _ = await bot.courier.olm_send(plan)
+                sent, _, _, _ = await self.courier.transport.olm_send(plan)
             except (MatrixRequestError, MatrixConnectionError) as e:
                 self.log.warning(f"Could not send the room key bundle to {user_id}: {e}")
         reached = {device.device_id for device, _ in sent}
@@ -167,15 +151,15 @@ class Bundles:
                 session_id=None,
                 decision="share" if device.device_id in reached else "ignore",
                 reason=reason if device.device_id in reached else f"{reason}; not delivered",
-                trigger="bundle",
+                trigger=str(Trigger.BUNDLE),
             )
             for device in targets
         ]
         skipped = len([d for d in devices.values() if not d.deleted]) - len(targets)
         if skipped:
             why = f"no bundle for {skipped} device(s) not cross-signed by their owner"
-            rows.append(AuditRow.user_ignored(room_id, user_id, why, "bundle"))
-        await bot.store.add_audit(rows)
+            rows.append(AuditRow.user_ignored(room_id, user_id, why, str(Trigger.BUNDLE)))
+        await self.store.add_audit(rows)
         self.log.info(
             f"Sent {user_id} a room key bundle for {room_id}: {len(room_keys)} session(s), "
             f"{len(withheld)} withheld, {len(reached)} device(s)"
@@ -185,21 +169,20 @@ class Bundles:
     # Knocks -------------------------------------------------------------------------------------
 
     async def on_knock(self, room_id: str, user_id: str) -> None:
-        bot = self.bot
-        if not bot.config["approve_knocks"]:
+        if not self.config["approve_knocks"]:
             return
-        view = bot.tracker.view(room_id)
+        view = self.tracker.view(room_id)
         rule = view.join_rule
         if rule not in ("knock", "knock_restricted"):
             return
         invite_level = view.invite_level
-        if view.user_level(bot.client.mxid) < invite_level:
+        if view.user_level(self.client.mxid) < invite_level:
             self.log.info(f"Not approving {user_id}'s knock on {room_id}: bot cannot invite")
             return
         if rule == "knock_restricted":
             via = None
-            for allowed in bot.pushes.admitting_rooms(room_id):
-                member = await bot.courier.memberships(allowed, {user_id})
+            for allowed in self.links.admitting_rooms(room_id):
+                member = await self.members.memberships(allowed, {user_id})
                 if member.get(user_id) == "join":
                     via = allowed
                     break

@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
-from attr import evolve
 from maubot import MessageEvent
 from maubot.handlers import command
 from mautrix.errors import MatrixRequestError
-from mautrix.types import CrossSigner, EventID, EventType, RoomID, TrustState
+from mautrix.types import EventID, EventType, RoomID
 
-from .courier import Outcome
+from . import room_policy
+from .audit import Outcome
+from .bundles import Bundles
+from .courier import Courier
+from .gate import Gate
+from .identity import Identity
 from .ledger import SessionKind, Status
-from .own_sessions import encrypt_once
-from .policy import Ignore, Mode, Share, Withhold
+from .links import RoomLinks
+from .members import Members
+from .policy import Ignore, Share, Withhold
 from .render import Reply, cell, short_id
-from .store import OutboxItem, RoomRow
-
-if TYPE_CHECKING:
-    from .bot import EncStateBot
+from .room_keys import encrypt_once
+from .room_policy import Mode, RoomPolicies
+from .sealer import Sealer
+from .seals import SealBook
+from .store import OutboxItem, Store
+from .tracker import Tracker
+from .triggers import Trigger
 
 DAY_MS = 24 * 3600 * 1000
 PROGRESS_EVERY = 50  # users per progress update for large shares
@@ -43,58 +52,10 @@ HELP = [
     ("seal on|off", "turn sealing on or off in this room"),
     ("seal now [--dry-run]", "seal every unsealed current value now (reseal does the same)"),
 ]
-# Who may run what: "read" (read_only_commands), "manage" (state_default or a configured admin),
-# or "own": the power the action itself needs, for everyone (invite: the room's invite level,
-# checked in refusal(); seal: read for showing, manage for on/off, and the power to send the
-# state for "now", checked by the handler).
-ACCESS = {
-    "help": "read",
-    "status": "read",
-    "audit": "read",
-    "links": "read",
-    "log": "read",
-    "state": "manage",
-    "policy": "manage",
-    "share": "manage",
-    "seal": "own",
-    "reseal": "own",
-    "invite": "own",
-}
-
-
-def origin_refusal(encrypted_room: bool, origin: dict[str, Any] | None, mode: Mode) -> str | None:
-    """Why a command's message must not be obeyed, from how it arrived (None: obey it). In an
-    encrypted room a command counts only encrypted, in a session made by a device of its sender
-    (not forwarded, not an unknown device, not blacklisted); under the cross-signed policy only
-    from a device cross-signed by an identity trusted on first use."""
-    if not encrypted_room:
-        return None
-    if not origin or not origin.get("was_encrypted"):
-        return "commands in this encrypted room must be sent encrypted"
-    trust = origin.get("trust_state")
-    if origin.get("forwarded_keys") or trust in (
-        TrustState.UNKNOWN_DEVICE,
-        TrustState.FORWARDED,
-        None,
-    ):
-        return "the message's session was not made by a device of its sender"
-    if trust == TrustState.BLACKLISTED:
-        return "the sending device is blacklisted"
-    if mode == Mode.CROSS_SIGNED and trust < TrustState.CROSS_SIGNED_TOFU:
-        return "this room takes commands only from cross-signed devices"
-    return None
 
 
 class UsageError(ValueError):
     pass
-
-
-def on_off(value: str, flag: str) -> bool:
-    if value in ("on", "true", "yes"):
-        return True
-    if value in ("off", "false", "no"):
-        return False
-    raise UsageError(f"{flag} takes on or off, not {value!r}")
 
 
 def ago(ts_ms: int, now_ms: int) -> str:
@@ -131,56 +92,37 @@ def short_value(event_type: str | None, content: Any) -> str:
 
 
 class Commands:
-    def __init__(self, bot: EncStateBot) -> None:
-        self.bot = bot
-
-    # Permissions --------------------------------------------------------------------------------
-
-    def can_manage(self, room_id: str, user_id: str) -> bool:
-        if user_id in self.bot.config["admins"]:
-            return True
-        view = self.bot.tracker.view(room_id)
-        return view.user_level(user_id) >= view.state_default
-
-    def can_read(self, room_id: str, user_id: str) -> bool:
-        if self.bot.config["read_only_commands"] == "members":
-            return True
-        return self.can_manage(room_id, user_id)
-
-    async def refusal(self, evt: MessageEvent, name: str) -> str | None:
-        """Why this sender may not run this command here (None: they may)."""
-        room, user = evt.room_id, evt.sender
-        view = self.bot.tracker.view(room)
-        # Until the room's state is read (a start, a failed read), treat it as encrypted:
-        # the gate must fail closed. The client's own state store counts too.
-        state_store = getattr(self.bot.client, "state_store", None)
-        encrypted = view.encryption is not None or not view.known
-        if not encrypted and state_store is not None:
-            try:
-                encrypted = bool(await state_store.is_encrypted(RoomID(room)))
-            except Exception:
-                encrypted = True
-        origin = origin_refusal(
-            encrypted,
-            await self.bot.command_origin(room, evt.event_id, user),
-            self.bot.room_policy(room).mode,
-        )
-        if origin is not None:
-            return f"encstate did not act on this: {origin}."
-        access = ACCESS[name]
-        if (access == "read" and not self.can_read(room, user)) or (
-            access == "manage" and not self.can_manage(room, user)
-        ):
-            return (
-                f"Sorry, {name} is for room admins (power level {view.state_default} or more) "
-                "and encstate's configured admins."
-            )
-        if name == "invite" and view.user_level(user) < view.invite_level:
-            return (
-                f"Sorry, inviting takes this room's invite power level {view.invite_level}; "
-                f"you have {view.user_level(user)}."
-            )
-        return None
+    def __init__(
+        self,
+        client: Any,
+        config: Any,
+        store: Store,
+        tracker: Tracker,
+        courier: Courier,
+        sealer: Sealer,
+        seals: SealBook,
+        policies: RoomPolicies,
+        links: RoomLinks,
+        members: Members,
+        bundles: Bundles,
+        identity: Identity,
+        gate: Gate,
+        log: logging.Logger,
+    ) -> None:
+        self.client = client
+        self.config = config
+        self.store = store
+        self.tracker = tracker
+        self.courier = courier
+        self.sealer = sealer
+        self.seals = seals
+        self.policies = policies
+        self.links = links
+        self.members = members
+        self.bundles = bundles
+        self.identity = identity
+        self.gate = gate
+        self.log = log
 
     # Entry point --------------------------------------------------------------------------------
 
@@ -193,9 +135,9 @@ class Commands:
         if handler is None:
             await self.reply(evt, Reply().line(f"Unknown command {name!r}. Try !encstate help."))
             return
-        refusal = await self.refusal(evt, name)
+        refusal = await self.gate.refusal(evt.room_id, evt.sender, evt.event_id, name)
         if refusal is not None:
-            self.bot.log.info(f"Refused !encstate {name} from {evt.sender} in {evt.room_id}")
+            self.log.info(f"Refused !encstate {name} from {evt.sender} in {evt.room_id}")
             await self.reply(evt, Reply().line(refusal))
             return
         try:
@@ -223,10 +165,10 @@ class Commands:
         await self.reply(evt, reply)
 
     async def status(self, evt: MessageEvent, args: list[str]) -> None:
-        bot, room = self.bot, evt.room_id
-        view = bot.tracker.view(room)
-        ledger = bot.tracker.ledgers.get(room)
-        level, default = view.user_level(bot.client.mxid), view.users_default
+        room = evt.room_id
+        view = self.tracker.view(room)
+        ledger = self.tracker.ledgers.get(room)
+        level, default = view.user_level(self.client.mxid), view.users_default
         reply = Reply(f"encstate in {room}")
         if view.state_encrypted:
             encryption = f"on ({view.state_flag})"
@@ -242,9 +184,9 @@ class Commands:
         counts = ledger.counts() if ledger else {}
         missing = self._missing_sessions(room)
         since = int(time.time() * 1000) - DAY_MS
-        decided = await bot.store.audit_counts(room, since)
-        answers = sorted(await bot.store.answer_times(room, since))
-        policy = bot.room_policy(room)
+        decided = await self.store.audit_counts(room, since)
+        answers = sorted(await self.store.answer_times(room, since))
+        policy = self.policies.get(room)
         reply.facts(
             [
                 ("State encryption", encryption),
@@ -260,7 +202,7 @@ class Commands:
                     f"{counts.get('state_only_sessions', 0)} state-only, "
                     f"{counts.get('mixed_sessions', 0)} mixed, {len(missing)} the bot lacks",
                 ),
-                ("Pending pushes", str(await bot.store.pending_count(room))),
+                ("Pending pushes", str(await self.store.pending_count(room))),
                 (
                     "Answer time, 24 hours",
                     f"p50 {answers[len(answers) // 2]} ms, p95 "
@@ -280,17 +222,17 @@ class Commands:
                     f"; dry run {'on' if policy.dry_run else 'off'}; mixed sessions "
                     + ("shared as history" if policy.allow_mixed_shared_history else "never"),
                 ),
-                ("Bot device", f"{bot.client.device_id} ({await self._cross_signing()})"),
+                ("Bot device", f"{self.client.device_id} ({await self.identity.status()})"),
                 (
                     "Identity changes, 24 hours",
-                    f"{await bot.store.identity_changes(room, since)} refusal(s) because a "
+                    f"{await self.store.identity_changes(room, since)} refusal(s) because a "
                     "user's cross-signing identity changed since first seen",
                 ),
-                ("Audit kept", _retention(bot.config["audit_retention_days"])),
+                ("Audit kept", _retention(self.config["audit_retention_days"])),
             ]
         )
         if view.state_encrypted:
-            plan = await bot.sealer.plan(room)
+            plan = await self.sealer.plan(room)
             reply.heading("Seals")
             reply.facts(self._seal_facts(room, plan))
             reply.heading("How newcomers get the keys")
@@ -301,7 +243,7 @@ class Commands:
                 "Current values the bot cannot read (nothing older is shared for them): "
                 + ", ".join(unreadable)
             )
-        if not bot.tracker.complete(room):
+        if not self.tracker.complete(room):
             reply.line(
                 "Recent events of this room could not be recorded yet: the bot shares nothing "
                 "from it until they are."
@@ -309,7 +251,7 @@ class Commands:
         if missing:
             asking = ", ".join(map(short_id, missing))
             reply.line(f"Sessions the bot is still asking for: {asking}")
-        gaps = [g for g in bot.pushes.gaps() if room in (g.link.room_id, g.link.via)]
+        gaps = [g for g in self.links.gaps() if room in (g.link.room_id, g.link.via)]
         if gaps:
             reply.line("Links the bot cannot act on:")
             reply.bullets(f"{g.link.via} → {g.link.room_id}: {g.reason}" for g in gaps)
@@ -317,7 +259,6 @@ class Commands:
 
     def _entry_paths(self, room_id: str, plan: Any) -> list[tuple[str, str]]:
         """Which clients each way into the room reaches, as things stand."""
-        bot = self.bot
         everyone = "every client (the bot's own m.room_key, before the event)"
         mautrix_only = "mautrix-style clients only (forwarded keys; Element drops them): " + (
             plan.problem or "values not sealed yet"
@@ -333,7 +274,7 @@ class Commands:
             ("Join (public, restricted, knock)", joined),
             ("Invited by anyone", preview),
         ]
-        if bot.pushes.graph.allowed(room_id):
+        if self.links.graph.allowed(room_id):
             paths.append(("Member of an admitting room", preview))
         paths.append(
             (
@@ -350,32 +291,15 @@ class Commands:
         return paths
 
     def _missing_sessions(self, room_id: str) -> list[str]:
-        ledger = self.bot.tracker.ledgers.get(room_id)
+        ledger = self.tracker.ledgers.get(room_id)
         if ledger is None:
             return []
         sessions = ledger.sessions()
         return sorted(s for s in sessions if ledger.facts(s).kind == SessionKind.PENDING)
 
-    async def _cross_signing(self) -> str:
-        crypto = self.bot.client.crypto
-        if crypto is None:
-            return "no end-to-end encryption"
-        try:
-            keys = await crypto.get_own_cross_signing_public_keys()
-        except Exception:
-            keys = None
-        if keys is None:
-            return "not cross-signed"
-        me = self.bot.client.mxid
-        signed = await crypto.crypto_store.is_key_signed_by(
-            target=CrossSigner(me, crypto.account.signing_key),
-            signer=CrossSigner(me, keys.self_signing_key),
-        )
-        return "cross-signed" if signed else "cross-signing keys exist, device not signed"
-
     async def audit(self, evt: MessageEvent, args: list[str]) -> None:
         room = evt.room_id
-        ledger = self.bot.tracker.ledgers.get(room)
+        ledger = self.tracker.ledgers.get(room)
         reply = Reply(f"Exposure report for {room}")
         if ledger is None:
             await self.reply(evt, reply.line("The bot has seen no encrypted state here."))
@@ -458,25 +382,25 @@ class Commands:
         await self.reply(evt, reply)
 
     async def links(self, evt: MessageEvent, args: list[str]) -> None:
-        bot, room = self.bot, evt.room_id
-        graph = bot.pushes.graph
+        room = evt.room_id
+        graph = self.links.graph
         rows = []
         for via in graph.allowed(room):
-            joined = via in bot.pushes.joined
-            acts = joined and bot.pushes.empowered(room)
+            joined = via in self.links.joined
+            acts = joined and self.links.empowered(room)
             rows.append(("admits members of", via, "yes" if joined else "no", "-", _yes(acts)))
         for target in sorted(graph.allowing(room)):
-            view = bot.tracker.view(target)
-            level = view.user_level(bot.client.mxid)
-            empowered = view.empowered(bot.client.mxid)
-            joined = target in bot.pushes.joined
+            view = self.tracker.view(target)
+            level = view.user_level(self.client.mxid)
+            empowered = view.empowered(self.client.mxid)
+            joined = target in self.links.joined
             rows.append(
                 (
                     "its members may enter",
                     target,
                     "yes" if joined else "no",
                     f"{level} ({'empowered' if empowered else 'not empowered'})",
-                    _yes(empowered and room in bot.pushes.joined),
+                    _yes(empowered and room in self.links.joined),
                 )
             )
         reply = Reply(f"Restricted-room links around {room}")
@@ -490,7 +414,7 @@ class Commands:
             limit = max(1, min(int(args[0]), 100)) if args else 10
         except ValueError as e:
             raise UsageError(f"log takes a number, not {args[0]!r}") from e
-        rows = await self.bot.store.audit(evt.room_id, limit=limit)
+        rows = await self.store.audit(evt.room_id, limit=limit)
         now = int(time.time() * 1000)
         reply = Reply(f"Last {len(rows)} decision(s) in this room")
         if not rows:
@@ -515,12 +439,12 @@ class Commands:
 
     async def state(self, evt: MessageEvent, args: list[str]) -> None:
         room = evt.room_id
-        ledger = self.bot.tracker.ledgers.get(room)
+        ledger = self.tracker.ledgers.get(room)
         reply = Reply(f"Current encrypted state of {room}")
         if ledger is None or not ledger.current_state():
             await self.reply(evt, reply.line("The bot holds no current encrypted state here."))
             return
-        source = self.bot.tracker.session_source()
+        source = self.tracker.session_source()
         rows = []
         for rec in ledger.current_state():
             value = "?"
@@ -539,7 +463,7 @@ class Commands:
                     rec.sender,
                     short_id(rec.session_id),
                     rec.msg_index,
-                    "yes" if self.bot.seals.sealed(ledger, rec) else "no",
+                    "yes" if self.seals.sealed(ledger, rec) else "no",
                 )
             )
         reply.table(["type", "state key", "value", "sender", "session", "index", "sealed"], rows)
@@ -549,12 +473,12 @@ class Commands:
         """A reply that carries decrypted values: encrypted in a session of its own whose key
         goes only to the asking admin's devices that the room's policy would share state
         with (the room's ordinary session reaches every device in the room)."""
-        bot, room = self.bot, evt.room_id
-        crypto = bot.client.crypto
+        room = evt.room_id
+        crypto = self.client.crypto
         if crypto is None:
             await self.reply(evt, Reply().line("Decrypted values need end-to-end encryption."))
             return
-        approved, refused, policy = await bot.courier.approved_devices(room, [evt.sender])
+        approved, refused, policy = await self.courier.approved_devices(room, [evt.sender])
         devices = [a.device for a in approved if a.membership == "join"]
         if policy.mode == Mode.OFF or not devices:
             why = (
@@ -574,79 +498,43 @@ class Commands:
             room,
             {"type": "m.room.message", "content": content},
             crypto.account.identity_key,
-            bot.client.device_id,
+            self.client.device_id,
         )
-        await bot.courier.send_room_keys(
+        await self.courier.send_room_keys(
             room,
             [(device, own.room_key) for device in devices],
-            "command",
+            Trigger.COMMAND,
             "the bot's own session for a reply",
         )
-        await bot.client.send_message_event(RoomID(room), EventType.ROOM_ENCRYPTED, own.content)
+        await self.client.send_message_event(RoomID(room), EventType.ROOM_ENCRYPTED, own.content)
 
     # Changing -----------------------------------------------------------------------------------
 
     async def policy(self, evt: MessageEvent, args: list[str]) -> None:
-        bot, room = self.bot, evt.room_id
-        row = bot.room_rows.get(room)
-        mode = row.mode if row else None
-        invited = row.share_invited if row else None
-        dry_run = row.dry_run if row else None
-        changed = False
-        words = list(args)
-        while words:
-            word = words.pop(0).lower()
-            if word in ("--invited", "--dry-run"):
-                if not words:
-                    raise UsageError(f"{word} needs on or off")
-                value = on_off(words.pop(0).lower(), word)
-                if word == "--invited":
-                    invited = value
-                else:
-                    dry_run = value
-            else:
-                try:
-                    mode = Mode.parse(word).value
-                except ValueError as e:
-                    raise UsageError(str(e)) from e
-            changed = True
-        if changed:
-            await bot.store.set_room_policy(room, mode, invited, dry_run)
-            bot.room_rows[room] = _row_with(
-                room, row, mode=mode, share_invited=invited, dry_run=dry_run
-            )
-            bot.log.info(f"{evt.sender} set the policy of {room}: {mode} {invited} {dry_run}")
-        policy = bot.room_policy(room)
+        try:
+            changed = await self.policies.change(evt.room_id, args, evt.sender)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
         reply = Reply("Policy updated" if changed else "Policy in force")
-        reply.facts(
-            [
-                ("Shares with", _mode_text(policy.mode)),
-                (
-                    "Invited users",
-                    "get every seal, as members do"
-                    if policy.share_with_invited
-                    else "get the preview seals (name, topic, avatar)",
-                ),
-                ("Dry run", "on: decides and records, sends nothing" if policy.dry_run else "off"),
-            ]
-        )
+        reply.facts(room_policy.describe(self.policies.get(evt.room_id)))
         await self.reply(evt, reply)
 
     async def share(self, evt: MessageEvent, args: list[str]) -> None:
-        bot, room = self.bot, evt.room_id
+        room = evt.room_id
         dry_run = "--dry-run" in args
         words = [a for a in args if a != "--dry-run"]
         if not words:
             raise UsageError("share needs @user [device] or --members")
         if words[0] == "--members":
-            users = [u for u in await bot.pushes.joined_members(room) if u != bot.client.mxid]
+            users = [u for u in await self.members.joined(room) if u != self.client.mxid]
             device = None
         elif words[0].startswith("@") and ":" in words[0]:
             users, device = [words[0]], (words[1] if len(words) > 1 else None)
         else:
             raise UsageError(f"{words[0]!r} is not a user ID")
         items = [
-            OutboxItem(room_id=room, user_id=u, device_id=device, trigger="command") for u in users
+            OutboxItem(room_id=room, user_id=u, device_id=device, trigger=Trigger.COMMAND)
+            for u in users
         ]
         outcomes = await self._with_progress(evt, items, dry_run)
         title = "Dry run: nothing sent" if dry_run else "Shared now"
@@ -668,11 +556,11 @@ class Commands:
         self, evt: MessageEvent, items: list[OutboxItem], dry_run: bool
     ) -> list[Outcome]:
         if len(items) <= PROGRESS_EVERY:
-            return await self.bot.courier.deliver(items, dry_run=dry_run)
+            return await self.courier.deliver(items, dry_run=dry_run)
         progress = await self.reply(evt, Reply().line(f"Sharing with {len(items)} users: 0 done"))
         outcomes: list[Outcome] = []
         for start in range(0, len(items), PROGRESS_EVERY):
-            outcomes += await self.bot.courier.deliver(
+            outcomes += await self.courier.deliver(
                 items[start : start + PROGRESS_EVERY], dry_run=dry_run
             )
             done = min(start + PROGRESS_EVERY, len(items))
@@ -682,18 +570,15 @@ class Commands:
         return outcomes
 
     async def seal(self, evt: MessageEvent, args: list[str]) -> None:
-        bot, room = self.bot, evt.room_id
+        room = evt.room_id
         word = args[0].lower() if args else "show"
         if word in ("on", "off"):
-            if not self.can_manage(room, evt.sender):
-                await self.reply(evt, Reply().line(self._manage_refusal(room, "seal on|off")))
+            if not self.gate.can_manage(room, evt.sender):
+                await self.reply(evt, Reply().line(self.gate.manage_refusal(room, "seal on|off")))
                 return
-            row = bot.room_rows.get(room)
-            await bot.store.set_room_seal(room, word == "on")
-            bot.room_rows[room] = _row_with(room, row, seal=word == "on")
-            bot.log.info(f"{evt.sender} turned sealing {word} in {room}")
+            await self.policies.set_seal(room, word == "on", evt.sender)
             if word == "on":
-                bot.sealer.mark(room)
+                self.sealer.mark(room)
             reply = Reply(f"Sealing is {word} in this room")
             reply.line(
                 "The bot now re-sends each new value in a session of its own, keys first."
@@ -708,24 +593,16 @@ class Commands:
             return
         if word != "show":
             raise UsageError("seal takes on, off or now [--dry-run]")
-        if not self.can_read(room, evt.sender):
-            await self.reply(evt, Reply().line(self._manage_refusal(room, "seal")))
+        if not self.gate.can_read(room, evt.sender):
+            await self.reply(evt, Reply().line(self.gate.manage_refusal(room, "seal")))
             return
-        plan = await bot.sealer.plan(room)
+        plan = await self.sealer.plan(room)
         reply = Reply(f"Seals in {room}")
         reply.facts(self._seal_facts(room, plan))
         await self.reply(evt, reply)
 
-    def _manage_refusal(self, room_id: str, name: str) -> str:
-        level = self.bot.tracker.view(room_id).state_default
-        return (
-            f"Sorry, {name} is for room admins (power level {level} or more) and encstate's "
-            "configured admins."
-        )
-
     def _seal_facts(self, room_id: str, plan: Any) -> list[tuple[str, str]]:
-        bot = self.bot
-        on = bot.seal_on(room_id)
+        on = self.policies.get(room_id).seal
         facts = [
             ("Sealing", "on" if on else "off (!encstate seal on turns it on)"),
             ("Sealed", f"{plan.sealed} of {plan.total} current value(s)"),
@@ -753,8 +630,8 @@ class Commands:
         return facts
 
     async def _seal_now(self, evt: MessageEvent, dry_run: bool) -> None:
-        bot, room = self.bot, evt.room_id
-        plan = await bot.sealer.plan(room)
+        room = evt.room_id
+        plan = await self.sealer.plan(room)
         if not plan.todo:
             await self.reply(
                 evt,
@@ -763,8 +640,8 @@ class Commands:
                 ),
             )
             return
-        view = bot.tracker.view(room)
-        needed = bot.sealer.needed_level(room, [r.inner_type or "" for r, _ in plan.todo])
+        view = self.tracker.view(room)
+        needed = self.sealer.needed_level(room, [r.inner_type or "" for r, _ in plan.todo])
         have = view.user_level(evt.sender)
         if have < needed:
             await self.reply(
@@ -787,12 +664,12 @@ class Commands:
             reply.line(f"Cannot seal: {plan.problem}.")
             await self.reply(evt, reply)
             return
-        if dry_run or bot.room_policy(room).dry_run:
+        if dry_run or self.policies.get(room).dry_run:
             reply.line("Dry run: nothing was sent.")
             await self.reply(evt, reply)
             return
         progress = await self.reply(evt, reply)
-        report = await bot.sealer.seal_room(room)
+        report = await self.sealer.seal_room(room)
         done = Reply(
             f"Sealed {len(report.sealed)} value(s) in {len(report.sealed)} fresh session(s)"
         )
@@ -809,7 +686,7 @@ class Commands:
             raise UsageError("invite needs a user ID")
         user_id = args[0]
         try:
-            report = await self.bot.bundles.invite(evt.room_id, user_id)
+            report = await self.bundles.invite(evt.room_id, user_id)
         except MatrixRequestError as e:
             await self.reply(evt, Reply().line(f"Could not invite {user_id}: {e.message}"))
             return
@@ -848,30 +725,9 @@ class Commands:
     }
 
 
-def _row_with(room_id: str, row: RoomRow | None, **changes: Any) -> RoomRow:
-    """The room's settings row with some fields changed."""
-    base = row or RoomRow(
-        room_id=room_id,
-        state_flag=None,
-        backfilled=False,
-        mode=None,
-        share_invited=None,
-        dry_run=None,
-    )
-    return evolve(base, **changes)
-
-
 def _retention(days: int) -> str:
     return f"{days} day(s)" if days else "forever (audit_retention_days is 0)"
 
 
 def _yes(value: bool) -> str:
     return "yes" if value else "no"
-
-
-def _mode_text(mode: Mode) -> str:
-    return {
-        Mode.MEMBERS: "every current member's devices (members)",
-        Mode.CROSS_SIGNED: "only cross-signed devices (cross-signed)",
-        Mode.OFF: "nobody (off)",
-    }[mode]

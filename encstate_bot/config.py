@@ -10,7 +10,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
 from . import protocol
-from .policy import Mode
+from .room_policy import Mode
 
 KEYS = (
     "admins",

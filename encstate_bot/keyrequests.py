@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections import OrderedDict
 import logging
 import time
-from typing import Any, Callable
+from typing import Any
 
 from . import protocol
 from .courier import Courier
+from .links import RoomLinks
 from .ratelimit import RequestGate
 from .store import AuditRow, OutboxItem, Store
+from .triggers import Trigger
 
 WAIT_FOR_KEY_SECONDS = 600
 MAX_WAITING = 10_000
@@ -31,7 +33,7 @@ class KeyRequests:
         own_user: str,
         own_device: str | None,
         log: logging.Logger,
-        joined: Callable[[str], bool] = lambda room_id: True,
+        links: RoomLinks | None = None,
     ) -> None:
         self.courier = courier
         self.store = store
@@ -39,7 +41,7 @@ class KeyRequests:
         self.own_user = own_user
         self.own_device = own_device
         self.log = log
-        self.joined = joined
+        self.links = links
         # (user, device, request_id) -> (room, session, time): kept to answer again on arrival
         self.waiting: OrderedDict[tuple[str, str, str], tuple[str, str, float]] = OrderedDict()
         self.dropped: dict[str, int] = {}
@@ -66,7 +68,7 @@ class KeyRequests:
                 items = [i for i in items if (i.user_id, i.device_id, i.request_id) != key]
                 await self.cancel(parsed)
                 continue
-            if not self.joined(parsed.room_id):
+            if self.links is not None and not self.links.is_joined(parsed.room_id):
                 # Nothing to answer with, and an answer would need the room read first: junk
                 # room ids must cost nothing and never wait in the queue.
                 self._count("room the bot is not in")
@@ -110,7 +112,7 @@ class KeyRequests:
             user_id=user_id,
             device_id=device_id,
             session_id=session_id,
-            trigger="request",
+            trigger=Trigger.REQUEST,
             request_id=request_id,
         )
 
@@ -168,7 +170,7 @@ class KeyRequests:
                 session_id=req.session_id,
                 decision="ignore",
                 reason=f"{why} (further drops from this device this minute are counted)",
-                trigger="request",
+                trigger=Trigger.REQUEST,
                 request_id=req.request_id,
             )
         ]

@@ -3,13 +3,13 @@
 Room B with ``{"join_rule": "restricted", "allow": [{"type": "m.room_membership", "room_id":
 A}]}`` admits A's members, so MSC3414 asks that A's members get B's state keys. A link (B, A) is
 *actionable* for the bot when it is empowered in B (it may hand out B's keys) and joined to A (it
-can see who A's members are). Pure: the caller says which rooms the bot is joined to and where
-it is empowered.
+can see who A's members are). ``LinkGraph`` is pure; ``RoomLinks`` keeps the bot's rooms and
+asks the tracker where the bot is empowered.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from attr import dataclass
 
@@ -71,3 +71,50 @@ class LinkGraph:
             if reasons:
                 gaps.append(LinkGap(link, "; ".join(reasons)))
         return gaps
+
+
+class RoomLinks:
+    """The rooms the bot is in and the links between them, as the sync tells: which allowed
+    rooms can admit someone into a room, and which links the bot can act on."""
+
+    def __init__(self, tracker: Any, own_user: str, log: Any) -> None:
+        self.tracker = tracker
+        self.own_user = own_user
+        self.log = log
+        self.graph = LinkGraph()
+        self.joined: set[str] = set()
+        self.listed = False  # until the start-up rescan lists the joined rooms
+
+    def empowered(self, room_id: str) -> bool:
+        return bool(self.tracker.view(room_id).empowered(self.own_user))
+
+    def is_joined(self, room_id: str) -> bool:
+        """Whether the bot is in the room (before the rooms are listed, assume so)."""
+        return room_id in self.joined or not self.listed
+
+    def set_joined(self, rooms: Iterable[str]) -> None:
+        self.joined = set(rooms)
+        self.listed = True
+
+    def on_own_membership(self, room_id: str, joined: bool) -> None:
+        if joined:
+            self.joined.add(room_id)
+        else:
+            self.joined.discard(room_id)
+
+    def update_join_rule(self, room_id: str) -> None:
+        allowed, skipped = self.tracker.view(room_id).allowed_rooms()
+        for entry in skipped:
+            self.log.info(f"Skipping a garbage allow entry in {room_id}'s join rule: {entry}")
+        self.graph.set_allow(room_id, allowed)
+
+    def actionable(self) -> set[Link]:
+        return self.graph.actionable(self.joined, self.empowered)
+
+    def gaps(self) -> list[LinkGap]:
+        """Links the bot cannot act on (not empowered in the room, or not in the allowed one)."""
+        return self.graph.gaps(self.joined, self.empowered)
+
+    def admitting_rooms(self, room_id: str) -> list[str]:
+        """Allowed rooms of ``room_id`` whose membership the bot can check."""
+        return [via for via in self.graph.allowed(room_id) if via in self.joined]

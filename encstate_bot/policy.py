@@ -1,9 +1,10 @@
 """One decision per (device, session): share from an index, withhold with a code, or ignore.
 
-Pure: every input is a value, the output is a value with a reason a human can read. The order of
-the checks is the decision tree the README draws:
+Pure: every input is a value, the output is a value with a reason a human can read. This is the
+decision tree (the only drawing of it; the README and docs/architecture.md point here), in the
+order of the checks:
 
-    bot not empowered in the room ............................ Ignore
+    bot's power level does not exceed users_default ........... Ignore (silent, logged)
     room policy "off" ......................................... Ignore
     requester banned or kicked from the room .................. Withhold m.unauthorised
     requester not joined, invited, nor admitted through a room  Withhold m.unauthorised
@@ -14,39 +15,35 @@ the checks is the decision tree the README draws:
   a seal (the bot's own one-value session, decide_seal):
     its value is no longer current ............................ Withhold m.unauthorised
     not a preview type, and the requester is not joined
-      (nor invited by the bot, or while invitees count) ....... Withhold m.unauthorised
-    otherwise ................................................. Share from index 0
+      (nor invited by the bot, nor an invitee where
+      share_with_invited is on) ............................... Withhold m.unauthorised
+    otherwise ................................................. Share from index 0 (m.room_key)
   anyone else's session (decide):
     requester not joined ...................................... Withhold m.unauthorised
-    session unknown / not yet held ............................ Withhold m.unavailable
+    session unknown, or named only by state the bot
+      cannot read yet ......................................... Withhold m.unavailable
     session only encrypts messages ............................ Withhold m.unauthorised
     session also encrypts messages (unless shared history) .... Withhold m.unauthorised
+    the bot does not hold the session ......................... Withhold m.unavailable
     session holds only superseded state ....................... Withhold m.unauthorised
-    indices after the safe index the bot never saw ............ Withhold m.unauthorised
+    indices after the safe index the bot never saw decrypt .... Withhold m.unauthorised
     otherwise ................................................. Share from the safe index
+
+The planner (``planner.py``) applies the tree to a batch and adds the batch rules: never the
+bot's own account; unasked pushes to someone not joined carry only the seals within their reach
+and say nothing of the rest; never the same (device, session, index) twice unasked; a dry run
+turns every share into an ignore.
 """
 
 from __future__ import annotations
-
-from enum import Enum
 
 from attr import dataclass
 
 from . import protocol
 from .ledger import SessionFacts, SessionKind
+from .room_policy import Mode, RoomPolicy
 
-
-class Mode(str, Enum):
-    MEMBERS = "members"  # every current member's devices
-    CROSS_SIGNED = "cross-signed"  # only devices their owner cross-signed
-    OFF = "off"  # share nothing
-
-    @classmethod
-    def parse(cls, value: object) -> Mode:
-        try:
-            return cls(str(value))
-        except ValueError as e:
-            raise ValueError(f"unknown policy {value!r}; use members, cross-signed or off") from e
+__all__ = ["Mode", "RoomPolicy"]  # re-exported: the policy's inputs
 
 
 # The words every refusal for a changed cross-signing identity carries (the audit counts them).
@@ -59,13 +56,17 @@ class RoomFacts:
     bot_level: int
     users_default: int
     history_visibility: str | None = None
-    mode: Mode = Mode.MEMBERS
-    share_with_invited: bool = False
-    allow_mixed_shared_history: bool = False
+    policy: RoomPolicy = RoomPolicy()
 
     @property
     def empowered(self) -> bool:
         return self.bot_level > self.users_default
+
+
+def counts_as_member(policy: RoomPolicy, membership: str | None) -> bool:
+    """Joined, or invited where the room's policy counts invitees as members: who gets every
+    seal, and whose membership in an admitting room admits them."""
+    return membership == "join" or (membership == "invite" and policy.share_with_invited)
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def admit_device(room: RoomFacts, who: Requester) -> Withhold | Ignore | None:
             f"the bot's power level {room.bot_level} does not exceed users_default "
             f"{room.users_default} in {room.room_id}"
         )
-    if room.mode == Mode.OFF:
+    if room.policy.mode == Mode.OFF:
         return Ignore("the room's policy is off")
 
     if who.membership == "ban" or who.removed:
@@ -161,7 +162,7 @@ def admit_device(room: RoomFacts, who: Requester) -> Withhold | Ignore | None:
         return Ignore(f"device {who.device_id} of {who.user_id} is unknown to the homeserver")
     if who.blacklisted:
         return Withhold(protocol.BLACKLISTED, "this device is blacklisted")
-    if room.mode == Mode.CROSS_SIGNED and not who.cross_signed:
+    if room.policy.mode == Mode.CROSS_SIGNED and not who.cross_signed:
         if who.identity_changed:
             return Withhold(
                 protocol.UNVERIFIED,
@@ -177,9 +178,9 @@ def reach(room: RoomFacts, who: Requester) -> str:
     """Which seals a device that passed ``admit_device`` may hold: ALL of them (a joined
     member, someone the bot invited, an invitee where invitees count as members) or the
     PREVIEW ones (name, topic, avatar: any other invitee, a member of an admitting room)."""
-    if who.membership == "join":
+    if counts_as_member(room.policy, who.membership):
         return ALL
-    if who.membership == "invite" and (room.share_with_invited or who.invited_by_bot):
+    if who.membership == "invite" and who.invited_by_bot:
         return ALL
     return PREVIEW
 
@@ -228,7 +229,7 @@ def decide(
     if session.kind == SessionKind.MIXED:
         visible = room.history_visibility in protocol.HISTORY_VISIBLE_TO_NEWCOMERS
         flagged = held is not None and held.shared_history
-        if not (room.allow_mixed_shared_history and flagged and visible):
+        if not (room.policy.allow_mixed_shared_history and flagged and visible):
             return Withhold(
                 protocol.UNAUTHORISED,
                 "this session also encrypts messages "

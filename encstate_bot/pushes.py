@@ -15,85 +15,50 @@ This module only enqueues; the courier decides per device at send time and audit
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any
 
-from mautrix.api import Method, Path
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
 
-from .courier import Courier, RoomPolicy
-from .links import Link, LinkGap, LinkGraph
-from .seals import is_preview
+from .courier import Courier
+from .links import Link, RoomLinks
+from .members import Members, membership_changes
+from .policy import counts_as_member
+from .room_policy import RoomPolicies
+from .seals import SealBook, is_preview
 from .store import AuditRow, OutboxItem, Store
 from .tracker import Tracker
-
-JOIN = "join"
-INVITE = "invite"
-LINK = "link"
-
-
-def membership_changes(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(user, new membership) for member events that changed someone's membership."""
-    changes = []
-    for raw in events:
-        if raw.get("type") != "m.room.member" or not isinstance(raw.get("state_key"), str):
-            continue
-        content = raw.get("content") if isinstance(raw.get("content"), dict) else {}
-        unsigned = raw.get("unsigned") if isinstance(raw.get("unsigned"), dict) else {}
-        prev = unsigned.get("prev_content")
-        prev_membership = prev.get("membership") if isinstance(prev, dict) else None
-        membership = content.get("membership")
-        if isinstance(membership, str) and membership != prev_membership:
-            changes.append((raw["state_key"], membership))
-    return changes
+from .triggers import Trigger
 
 
 class Pushes:
     def __init__(
         self,
-        client: Any,
+        own_user: str,
         store: Store,
         tracker: Tracker,
         courier: Courier,
-        room_policy: Callable[[str], RoomPolicy],
-        push_on_join: Callable[[], bool],
+        policies: RoomPolicies,
+        links: RoomLinks,
+        members: Members,
+        seals: SealBook,
+        config: Any,
         log: logging.Logger,
     ) -> None:
-        self.client = client
+        self.own_user = own_user
         self.store = store
         self.tracker = tracker
         self.courier = courier
-        self.room_policy = room_policy
-        self.push_on_join = push_on_join
+        self.policies = policies
+        self.links = links
+        self.members = members
+        self.seals = seals
+        self.config = config
         self.log = log
-        self.graph = LinkGraph()
-        self.joined: set[str] = set()
         self.acted: set[Link] | None = None  # actionable links already pushed for
-
-    # What the bot can act on ------------------------------------------------------------------
-
-    def empowered(self, room_id: str) -> bool:
-        return self.tracker.view(room_id).empowered(self.client.mxid)
 
     def has_state(self, room_id: str) -> bool:
         ledger = self.tracker.ledgers.get(room_id)
         return ledger is not None and bool(ledger.state_sessions())
-
-    def actionable(self) -> set[Link]:
-        return self.graph.actionable(self.joined, self.empowered)
-
-    def gaps(self) -> list[LinkGap]:
-        """Links the bot cannot act on (not empowered in the room, or not in the allowed one)."""
-        return self.graph.gaps(self.joined, self.empowered)
-
-    def admitting_rooms(self, room_id: str) -> list[str]:
-        """Allowed rooms of ``room_id`` whose membership the bot can check."""
-        return [via for via in self.graph.allowed(room_id) if via in self.joined]
-
-    def update_join_rule(self, room_id: str) -> None:
-        allowed, skipped = self.tracker.view(room_id).allowed_rooms()
-        for entry in skipped:
-            self.log.info(f"Skipping a garbage allow entry in {room_id}'s join rule: {entry}")
-        self.graph.set_allow(room_id, allowed)
 
     # Membership changes -----------------------------------------------------------------------
 
@@ -101,7 +66,7 @@ class Pushes:
         items: list[OutboxItem] = []
         ignored: list[AuditRow] = []
         for user_id, membership in membership_changes(events):
-            if user_id == self.client.mxid:
+            if user_id == self.own_user:
                 continue
             items += self._own_room_push(room_id, user_id, membership, ignored)
             items += self._linked_pushes(room_id, user_id, membership)
@@ -114,45 +79,40 @@ class Pushes:
         self, room_id: str, user_id: str, membership: str, ignored: list[AuditRow]
     ) -> list[OutboxItem]:
         # Invitees get the preview seals (or every seal, where invitees count as members).
-        if membership not in (JOIN, INVITE):
+        if membership not in ("join", "invite"):
             return []
-        if not self.push_on_join() or not self.has_state(room_id):
+        if not self.config["push_on_join"] or not self.has_state(room_id):
             return []
-        if not self.empowered(room_id):
+        if not self.links.empowered(room_id):
             view = self.tracker.view(room_id)
             reason = (
                 f"no push on {membership}: the bot's power level "
-                f"{view.user_level(self.client.mxid)} does not exceed users_default "
+                f"{view.user_level(self.own_user)} does not exceed users_default "
                 f"{view.users_default}"
             )
             ignored.append(AuditRow.user_ignored(room_id, user_id, reason, membership))
             self.log.info(f"Not pushing to {user_id} in {room_id}: bot not empowered")
             return []
-        return [OutboxItem(room_id=room_id, user_id=user_id, trigger=membership)]
+        return [OutboxItem(room_id=room_id, user_id=user_id, trigger=Trigger(membership))]
 
     def _linked_pushes(self, via: str, user_id: str, membership: str) -> list[OutboxItem]:
         items = []
-        for room_id in sorted(self.graph.allowing(via)):
-            policy = self.room_policy(room_id)
-            if membership != JOIN and not (membership == INVITE and policy.share_with_invited):
+        for room_id in sorted(self.links.graph.allowing(via)):
+            if not counts_as_member(self.policies.get(room_id), membership):
                 continue
-            if not self.has_state(room_id) or Link(room_id, via) not in self.actionable():
+            if not self.has_state(room_id) or Link(room_id, via) not in self.links.actionable():
                 continue
-            items.append(OutboxItem(room_id=room_id, user_id=user_id, trigger=LINK, via=via))
+            items.append(
+                OutboxItem(room_id=room_id, user_id=user_id, trigger=Trigger.LINK, via=via)
+            )
         return items
-
-    def on_own_membership(self, room_id: str, joined: bool) -> None:
-        if joined:
-            self.joined.add(room_id)
-        else:
-            self.joined.discard(room_id)
 
     # Links becoming actionable -----------------------------------------------------------------
 
     async def refresh_links(self) -> set[Link]:
         """Push for links that became actionable since the bot last acted; remember the set.
         Returns the links pushed for."""
-        current = self.actionable()
+        current = self.links.actionable()
         if self.acted is None:
             self.acted = {Link(*pair) for pair in await self.store.links()}
         gained = current - self.acted
@@ -170,7 +130,7 @@ class Pushes:
     async def reconcile(self, skip: set[Link]) -> None:
         """After a start: members of allowed rooms who joined while the bot was away have no
         delivery of the restricted room's current state sessions; push to them."""
-        for link in sorted(self.actionable() - skip):
+        for link in sorted(self.links.actionable() - skip):
             ledger = self.tracker.ledgers.get(link.room_id)
             if ledger is None:
                 continue
@@ -192,15 +152,15 @@ class Pushes:
                     "pushing"
                 )
                 await self.courier.submit(
-                    OutboxItem(room_id=link.room_id, user_id=u, trigger=LINK, via=link.via)
+                    OutboxItem(room_id=link.room_id, user_id=u, trigger=Trigger.LINK, via=link.via)
                     for u in missing
                 )
 
     async def _admitted_users(self, link: Link) -> list[str]:
         """Members of the allowed room who are not already members of the restricted room."""
-        members = await self.joined_members(link.via)
-        own = set(await self.joined_members(link.room_id))
-        return [u for u in members if u != self.client.mxid and u not in own]
+        members = await self.members.joined(link.via)
+        own = set(await self.members.joined(link.room_id))
+        return [u for u in members if u != self.own_user and u not in own]
 
     async def _push_link(self, link: Link, session_id: str | None = None) -> None:
         try:
@@ -214,17 +174,21 @@ class Pushes:
         )
         await self.courier.submit(
             OutboxItem(
-                room_id=link.room_id, user_id=u, trigger=LINK, via=link.via, session_id=session_id
+                room_id=link.room_id,
+                user_id=u,
+                trigger=Trigger.LINK,
+                via=link.via,
+                session_id=session_id,
             )
             for u in users
         )
 
     def preview_seals(self, room_id: str) -> list[str]:
         """The live seals of a room that members of its admitting rooms may read."""
-        preview = self.courier.preview_types()
+        preview = self.config.preview_types
         return [
             seal.session_id
-            for seal in self.courier.seals.live(self.tracker.ledgers.get(room_id))
+            for seal in self.seals.live(self.tracker.ledgers.get(room_id))
             if is_preview(seal.inner_type, preview)
         ]
 
@@ -238,12 +202,10 @@ class Pushes:
         if not session_ids:
             return
         links = [
-            link for link in self.actionable() if link.room_id == room_id and link not in skip
+            link
+            for link in self.links.actionable()
+            if link.room_id == room_id and link not in skip
         ]
         for link in sorted(links):
             for session_id in sorted(session_ids):
                 await self._push_link(link, session_id)
-
-    async def joined_members(self, room_id: str) -> list[str]:
-        resp = await self.client.api.request(Method.GET, Path.v3.rooms[room_id].joined_members)
-        return list(resp.get("joined", {}))

@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, Callable
+from typing import Any
 
 from attr import dataclass, evolve
 from mautrix.api import Method, Path
@@ -22,13 +22,18 @@ from mautrix.crypto.sessions import InboundGroupSession
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
 from mautrix.types import RoomID, SessionID
 
+from .courier import Courier
 from .ledger import StateRecord
-from .own_sessions import encrypt_once
+from .members import Members
 from .policy import ALL, Mode
 from .ratelimit import TokenBuckets
+from .room_keys import encrypt_once
+from .room_policy import RoomPolicies
 from .seals import Seal, SealBook, content_hash, is_preview, needs_seal
 from .store import AuditRow, OutboxItem, Store, now_ms
+from .tasks import stop_all
 from .tracker import Decrypted, Tracker
+from .triggers import Trigger
 
 # Changes to a room's state within this window are sealed together, each key at its latest.
 SEAL_DELAY_SECONDS = 0.5
@@ -72,11 +77,11 @@ class Sealer:
         client: Any,
         store: Store,
         tracker: Tracker,
-        courier: Any,
+        courier: Courier,
         book: SealBook,
-        room_policy: Callable[[str], Any],
-        seal_on: Callable[[str], bool],
-        preview_types: Callable[[], tuple[str, ...]],
+        policies: RoomPolicies,
+        members: Members,
+        config: Any,
         log: logging.Logger,
     ) -> None:
         self.client = client
@@ -84,9 +89,9 @@ class Sealer:
         self.tracker = tracker
         self.courier = courier
         self.book = book
-        self.room_policy = room_policy
-        self.seal_on = seal_on
-        self.preview_types = preview_types
+        self.policies = policies
+        self.members = members
+        self.config = config
         self.log = log
         self._due: dict[str, float] = {}
         self._wake = asyncio.Event()
@@ -103,13 +108,8 @@ class Sealer:
         self._task = asyncio.create_task(self._run(), name="encstate-sealer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+        await stop_all([self._task])
+        self._task = None
 
     def mark(self, room_id: str, delay: float = SEAL_DELAY_SECONDS) -> None:
         """The room's state may have changed: seal it after ``delay`` (the coalescing window),
@@ -125,7 +125,7 @@ class Sealer:
             due = [room for room, at in self._due.items() if at <= now]
             for room_id in due:
                 self._due.pop(room_id, None)
-                if not self.seal_on(room_id):
+                if not self.policies.get(room_id).seal:
                     continue
                 try:
                     await self.seal_room(room_id, limited=True)
@@ -217,7 +217,7 @@ class Sealer:
             problem = "the bot cannot decrypt some current values any more"
         elif todo:
             problem = self.missing_power(room_id, [r.inner_type or "" for r, _ in todo])
-            policy = self.room_policy(room_id)
+            policy = self.policies.get(room_id)
             if problem is None and policy.mode == Mode.OFF:
                 problem = "the room's policy is off, so the seals could go to nobody"
             elif problem is None and policy.dry_run:
@@ -277,16 +277,16 @@ class Sealer:
             await self.store.put_seal(seal)
             self.book.finish(seal)
             self.log.info(f"Seal {seal.session_id} of {room_id} was sent as {seal.event_id}")
-            joined, invited = await self._members(room_id)
+            joined, invited = await self.members.joined_and_invited(room_id)
             approved, _, _ = await self.courier.approved_devices(room_id, joined + invited)
-            preview = is_preview(seal.inner_type, self.preview_types())
+            preview = is_preview(seal.inner_type, self.config.preview_types)
             later = [
                 (a.device, seal.room_key())
                 for a in approved
                 if a.membership != "join" and (preview or a.reach == ALL)
             ]
             await self.courier.send_room_keys(
-                room_id, later, trigger="seal", reason="preview seal for an invitee"
+                room_id, later, trigger=Trigger.SEAL, reason="preview seal for an invitee"
             )
             await self.courier.submit(
                 [
@@ -294,7 +294,7 @@ class Sealer:
                         room_id=room_id,
                         user_id=user_id,
                         session_id=seal.session_id,
-                        trigger="seal",
+                        trigger=Trigger.SEAL,
                     )
                     for user_id in joined
                     if user_id != self.client.mxid
@@ -350,9 +350,9 @@ class Sealer:
             made.append(seal)
             contents[seal.session_id] = own.content
             sources[seal.session_id] = record
-        joined, invited = await self._members(room_id)
+        joined, invited = await self.members.joined_and_invited(room_id)
         approved, refused, _ = await self.courier.approved_devices(room_id, joined + invited)
-        preview = self.preview_types()
+        preview = self.config.preview_types
         members_plan, later_plan = [], []
         for entry in approved:
             for seal in made:
@@ -364,7 +364,7 @@ class Sealer:
         keys, devices, missed = await self.courier.send_room_keys(
             room_id,
             members_plan,
-            trigger="seal",
+            trigger=Trigger.SEAL,
             reason="seal of the current value, before its event",
         )
         ledger = self.tracker.ledger(room_id)
@@ -401,7 +401,7 @@ class Sealer:
         live = {seal.session_id for seal in sent}
         later_plan = [(d, c) for d, c in later_plan if c["session_id"] in live]
         more_keys, more_devices, more_missed = await self.courier.send_room_keys(
-            room_id, later_plan, trigger="seal", reason="preview seal for an invitee"
+            room_id, later_plan, trigger=Trigger.SEAL, reason="preview seal for an invitee"
         )
         # Keys that did not go out (a failed call, no Olm session yet) are retried through the
         # queue, which decides again at send time.
@@ -418,7 +418,7 @@ class Sealer:
                         user_id=user_id,
                         device_id=device_id,
                         session_id=session_id,
-                        trigger="seal",
+                        trigger=Trigger.SEAL,
                     )
                     for user_id, device_id, session_id in sorted(retry)
                 ]
@@ -433,7 +433,7 @@ class Sealer:
                     decision="seal",
                     reason=f"sealed {seal.inner_type} {seal.inner_key!r} (value "
                     f"{seal.source_event_id}) as {seal.event_id}",
-                    trigger="seal",
+                    trigger=Trigger.SEAL,
                     msg_index=0,
                 )
                 for seal in sent
@@ -444,22 +444,3 @@ class Sealer:
         return SealReport(
             sent, keys + more_keys, devices + more_devices, len(refused), plan, False
         )
-
-    async def _members(self, room_id: str) -> tuple[list[str], list[str]]:
-        """(joined, invited) users of the room, the bot excepted (its other devices are
-        members' devices like any other: they are included through the joined list)."""
-        resp = await self.client.api.request(
-            Method.GET, Path.v3.rooms[room_id].members, query_params={"not_membership": "leave"}
-        )
-        joined: list[str] = []
-        invited: list[str] = []
-        for evt in resp.get("chunk", []):
-            if not isinstance(evt, dict) or not isinstance(evt.get("state_key"), str):
-                continue
-            content = evt.get("content") if isinstance(evt.get("content"), dict) else {}
-            membership = content.get("membership")
-            if membership == "join":
-                joined.append(evt["state_key"])
-            elif membership == "invite":
-                invited.append(evt["state_key"])
-        return joined, invited

@@ -19,8 +19,8 @@ from typing import Any, Iterable
 from attr import dataclass
 
 from .ledger import RoomLedger, StateRecord
-from .own_sessions import room_key_content
 from .policy import SealFacts
+from .room_keys import room_key_content
 
 # The state an invitee or a member of an admitting room may read before joining (MSC3414's
 # "aesthetic" state), unless the config names others.

@@ -9,13 +9,11 @@ from typing import Any, Iterable
 from attr import dataclass
 from mautrix.util.async_db import Database
 
+from . import sql
 from .ledger import MessageRecord, MessageStatus, StateRecord, Status
 from .policy import IDENTITY_CHANGED
 from .seals import Seal
-
-# The queue's fast lane: answers to requests, and the work for one newcomer waiting to read the
-# room, so a bulk push (a link, a command) in the other lane does not hold them up.
-FAST_TRIGGERS = ("request", "join", "invite", "bot-invite")
+from .triggers import FAST
 
 
 def now_ms() -> int:
@@ -365,7 +363,7 @@ class Store:
                 row.code,
                 row.msg_index,
                 row.reason,
-                row.trigger,
+                str(row.trigger),
                 json.dumps(list(row.exposed)) if row.exposed else None,
                 row.request_id,
                 row.waited_ms,
@@ -469,7 +467,7 @@ class Store:
                 i.user_id,
                 i.device_id,
                 i.session_id,
-                i.trigger,
+                str(i.trigger),
                 i.request_id,
                 i.via,
                 i.enqueued or ts,
@@ -489,7 +487,8 @@ class Store:
 
     @staticmethod
     def _lane(requests: bool) -> str:
-        fast = "trigger IN (" + ", ".join(f"'{t}'" for t in FAST_TRIGGERS) + ")"
+        # the fast lane: answers, and the work for one newcomer waiting to read the room
+        fast = "trigger IN (" + ", ".join(f"'{t}'" for t in sorted(FAST)) + ")"
         return fast if requests else f"NOT ({fast})"
 
     async def due(
@@ -606,12 +605,10 @@ class Store:
         """Every (user, device, session, index) already pushed to these users."""
         users = list(set(user_ids))
         found: set[tuple[str, str, str, int]] = set()
-        for start in range(0, len(users), 500):
-            chunk = users[start : start + 500]
-            marks = ", ".join(f"${i + 1}" for i in range(len(chunk)))
+        for chunk in sql.chunks(users):
             rows = await self.db.fetch(
                 "SELECT user_id, device_id, session_id, msg_index FROM encstate_delivered "
-                f"WHERE user_id IN ({marks})",
+                f"WHERE user_id IN ({sql.placeholders(len(chunk))})",
                 *chunk,
             )
             found |= {

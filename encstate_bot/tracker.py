@@ -13,12 +13,10 @@ from typing import Any, Awaitable, Callable, Iterable
 from mautrix.errors import GroupSessionWithheldError
 import olm
 
-from . import protocol
+from . import glue, protocol
 from .ledger import MessageRecord, MessageStatus, RoomLedger, StateRecord, Status, evolve
 from .rooms import RoomView
 from .store import Store
-
-NewStateCallback = Callable[[str, set[str]], Awaitable[None]]
 
 
 class Decrypted:
@@ -94,9 +92,7 @@ class SessionSource:
                 try:
                     devices = await store.get_devices(user_id)
                     if devices is None:
-                        devices = (
-                            await self.crypto._fetch_keys([user_id], include_untracked=True)
-                        ).get(user_id, {})
+                        devices = (await glue.fetch_keys(self.crypto, [user_id])).get(user_id, {})
                 except Exception:
                     self._owners[user_id] = None
                     return None
@@ -114,13 +110,13 @@ class Tracker:
         store: Store,
         crypto: Any,
         log: logging.Logger,
-        on_new_state: NewStateCallback | None = None,
         own_user: str | None = None,
     ) -> None:
         self.store = store
         self.crypto = crypto
         self.log = log
-        self.on_new_state = on_new_state
+        # room -> sessions that gained valid state since the reactions last took them
+        self.gained: dict[str, set[str]] = {}
         self.views: dict[str, RoomView] = {}
         self.ledgers: dict[str, RoomLedger] = {}
         self.shared_history: set[tuple[str, str]] = set()
@@ -145,6 +141,11 @@ class Tracker:
         for room_id, outer_key, event_id in await self.store.server_current():
             self.ledger(room_id).set_server_current(outer_key, event_id)
         self.shared_history = await self.store.shared_history_sessions()
+
+    def take_gained(self) -> dict[str, set[str]]:
+        """The sessions that gained valid state since the last call, per room."""
+        gained, self.gained = self.gained, {}
+        return gained
 
     def session_source(self) -> SessionSource:
         """A per-batch view of the sessions the bot holds."""
@@ -314,8 +315,8 @@ class Tracker:
         await self.store.put_states(settled_states)
         await self.store.put_messages(settled_messages)
         gained = {rec.session_id for rec in settled_states if rec.status == Status.VALID}
-        if gained and self.on_new_state:
-            await self.on_new_state(room_id, gained)
+        if gained:
+            self.gained.setdefault(room_id, set()).update(gained)
         return gained
 
     async def _judge(

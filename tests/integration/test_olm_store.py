@@ -11,7 +11,7 @@ from mautrix.util.async_db import Database
 import olm
 import pytest_asyncio
 
-from encstate_bot.olm_store import BulkOlmStore
+from encstate_bot.glue import BulkOlmStore
 
 
 @pytest_asyncio.fixture

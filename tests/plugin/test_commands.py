@@ -77,7 +77,7 @@ async def send(
         assert event_id == event.event_id and user_id == sender
         return origin
 
-    plugin.command_origin = command_origin
+    plugin.gate.command_origin = command_origin
     await bot.dispatch(EventType.ROOM_MESSAGE, MaubotMessageEvent(event, bot.client))
 
 
@@ -123,10 +123,10 @@ async def test_changing_commands_need_state_default(maubot_test_bot, maubot_plug
     await setup_room(maubot_plugin)
     body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate policy off", sender=MEMBER)
     assert body.startswith("Sorry, policy is for room admins (power level 50")
-    assert maubot_plugin.room_policy(ROOM).mode.value == "members"
+    assert maubot_plugin.policies.get(ROOM).mode.value == "members"
     body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate policy off")
     assert "Policy updated" in body and "nobody (off)" in body
-    assert maubot_plugin.room_policy(ROOM).mode.value == "off"
+    assert maubot_plugin.policies.get(ROOM).mode.value == "off"
     (row,) = await maubot_plugin.store.rooms()
     assert row.mode == "off"
 
@@ -155,7 +155,7 @@ async def test_policy_flags_and_usage_errors(maubot_test_bot, maubot_plugin) -> 
         maubot_test_bot, maubot_plugin, "!encstate policy --invited on --dry-run on"
     )
     assert "get every seal, as members do" in body and "sends nothing" in body
-    policy = maubot_plugin.room_policy(ROOM)
+    policy = maubot_plugin.policies.get(ROOM)
     assert policy.share_with_invited and policy.dry_run and policy.mode.value == "members"
     body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate policy --invited maybe")
     assert "--invited takes on or off" in body
@@ -250,12 +250,12 @@ async def test_seal_shows_turns_on_and_off_and_needs_an_admin(
     assert "Sealed: 0 of 1 current value(s)" in body
     assert "Not sealed: 1 (m.room.name:): the bot has no end-to-end encryption" in body
     body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate seal off", MEMBER)
-    assert "for room admins" in body and maubot_plugin.seal_on(ROOM)
+    assert "for room admins" in body and maubot_plugin.policies.seal_on(ROOM)
     body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate seal off")
-    assert "Sealing is off in this room" in body and not maubot_plugin.seal_on(ROOM)
-    assert maubot_plugin.room_rows[ROOM].seal is False
+    assert "Sealing is off in this room" in body and not maubot_plugin.policies.seal_on(ROOM)
+    assert maubot_plugin.policies.overrides[ROOM].seal is False
     body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate seal on")
-    assert "Sealing is on" in body and maubot_plugin.seal_on(ROOM)
+    assert "Sealing is on" in body and maubot_plugin.policies.seal_on(ROOM)
     # status reports the seals and, per way in, which clients they reach
     body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate status")
     assert "Sealed: 0 of 1" in body

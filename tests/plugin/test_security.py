@@ -70,7 +70,7 @@ async def test_finding_13_plaintext_commands_in_an_encrypted_room_are_not_obeyed
     await setup_room(maubot_plugin)
     body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate policy off", origin=None)
     assert "must be sent encrypted" in body
-    assert maubot_plugin.room_policy(ROOM).mode.value == "members"
+    assert maubot_plugin.policies.get(ROOM).mode.value == "members"
 
 
 async def test_finding_13_commands_count_only_from_a_device_of_the_sender(
@@ -84,7 +84,7 @@ async def test_finding_13_commands_count_only_from_a_device_of_the_sender(
     forwarded = {**ENCRYPTED, "forwarded_keys": True, "trust_state": TrustState.VERIFIED}
     body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate policy off", origin=forwarded)
     assert "did not act" in body
-    assert maubot_plugin.room_policy(ROOM).mode.value == "members"
+    assert maubot_plugin.policies.get(ROOM).mode.value == "members"
 
 
 async def test_finding_13_under_cross_signed_only_cross_signed_devices_command(
@@ -96,7 +96,7 @@ async def test_finding_13_under_cross_signed_only_cross_signed_devices_command(
         origin = {**ENCRYPTED, "trust_state": trust}
         body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate policy off", origin=origin)
         assert "only from cross-signed devices" in body, trust
-    assert maubot_plugin.room_policy(ROOM).mode.value == "cross-signed"
+    assert maubot_plugin.policies.get(ROOM).mode.value == "cross-signed"
     origin = {**ENCRYPTED, "trust_state": TrustState.CROSS_SIGNED_TOFU}
     body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate policy off", origin=origin)
     assert "nobody (off)" in body
@@ -117,7 +117,7 @@ async def test_finding_13_the_gate_fails_closed_before_the_rooms_state_is_read(
     # command must not be obeyed: the room may well be encrypted.
     body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate policy off", origin=None)
     assert "must be sent encrypted" in body
-    assert maubot_plugin.room_policy(ROOM).mode.value == "members"
+    assert maubot_plugin.policies.get(ROOM).mode.value == "members"
 
 
 async def test_finding_08_no_bundle_keys_while_the_rooms_events_are_unrecorded(

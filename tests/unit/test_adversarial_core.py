@@ -15,6 +15,7 @@ import olm
 from encstate_bot import protocol
 from encstate_bot.ledger import MessageRecord, MessageStatus, RoomLedger, SessionKind, Status
 from encstate_bot.policy import HeldSession, Mode, Requester, RoomFacts, Share, decide
+from encstate_bot.room_policy import RoomPolicy
 from encstate_bot.rooms import RoomView
 from encstate_bot.tracker import SessionSource, Tracker
 
@@ -86,7 +87,7 @@ def test_the_policy_never_shares_what_it_must_not(
         bot_level=level,
         users_default=0,
         history_visibility=visibility,
-        allow_mixed_shared_history=allow_mixed,
+        policy=RoomPolicy(allow_mixed_shared_history=allow_mixed),
     )
     who = Requester(user_id="@x:x", device_id="D", membership=membership)
     held = HeldSession(first_known_index=first_known, shared_history=shared_history)
@@ -121,7 +122,7 @@ def test_a_policy_of_off_or_cross_signed_holds() -> None:
     ledger = build([("S0", 0, "m.room.name", 1, "valid")], [])
     member = Requester(user_id="@x:x", device_id="D", membership="join")
     for mode in (Mode.OFF, Mode.CROSS_SIGNED):
-        room = RoomFacts(room_id=ROOM, bot_level=50, users_default=0, mode=mode)
+        room = RoomFacts(room_id=ROOM, bot_level=50, users_default=0, policy=RoomPolicy(mode=mode))
         assert not isinstance(decide(room, member, ledger.facts("S0"), HeldSession(0)), Share)
 
 

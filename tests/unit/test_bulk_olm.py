@@ -13,7 +13,8 @@ from mautrix.types import DeviceIdentity, EventType, TrustState
 import olm
 import pytest
 
-from encstate_bot.bulk_olm import BulkOlm, canonical_json, olm_encrypt, verify_json
+from encstate_bot.bulk_olm import BulkOlm, canonical_json, verify_json
+from encstate_bot.glue import olm_encrypt
 
 
 class Peer:

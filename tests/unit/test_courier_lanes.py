@@ -20,11 +20,14 @@ from mautrix.types import DeviceIdentity, TrustState
 import olm
 
 from encstate_bot import sealer as sealer_module
-from encstate_bot.courier import Courier, Outcome
+from encstate_bot.audit import Audit, Outcome
+from encstate_bot.bulk_olm import BulkOlm
+from encstate_bot.courier import Courier
 from encstate_bot.policy import Share
 from encstate_bot.sealer import Sealer
 from encstate_bot.seals import Seal, SealBook
 from encstate_bot.store import OutboxItem
+from encstate_bot.transport import Transport
 
 ROOM = "!room:example.org"
 BOT = "@encstate:example.org"
@@ -110,8 +113,26 @@ class FakeTracker:
         return object()
 
 
+class FakeGather:
+    """The courier's gatherer, as far as these tests use it: device lookups and rooms."""
+
+    def __init__(self, client: Any) -> None:
+        self.bulk = BulkOlm(client, LOG)
+
+    async def devices(self, user_ids) -> dict[str, Any]:
+        return await self.bulk.devices(user_ids)
+
+    async def room(self, room_id, items) -> Any:
+        raise NotImplementedError
+
+
 def courier_for(client: Any, book: SealBook | None = None) -> Courier:
-    return Courier(client, FakeStore(), FakeTracker(), lambda room_id: None, LOG, seals=book)
+    gather = FakeGather(client)
+    transport = Transport(client, gather.bulk, LOG)
+    audit = Audit(client, {"audit_room": None}, LOG)
+    return Courier(
+        client, FakeStore(), FakeTracker(), book or SealBook(), gather, transport, audit, LOG
+    )
 
 
 class Newcomer:
@@ -199,7 +220,7 @@ async def push_seals(trigger: str, count: int, slow_first: bool = True) -> tuple
         )
         for seal in made
     ]
-    sent, failed, _ = await courier._send_keys(shares, FakeTracker().session_source(), set())
+    sent, failed, _ = await courier._send_keys(shares, {}, set())
     assert len(sent) == count and not failed
     read, lost = newcomer.read(server.stream)
     return read, lost, server.max_in_flight
@@ -260,13 +281,13 @@ async def test_finding_2_a_failed_room_read_leaves_the_key_query_task_running() 
     failure is never retrieved ("Task exception was never retrieved")."""
     courier = courier_for(FakeClient(ReorderingServer()))
     probe = LookupProbe()
-    courier.bulk.devices = probe.devices  # type: ignore[method-assign]
+    courier.gather.devices = probe.devices  # type: ignore[method-assign]
 
     async def room_context(room_id, items):
         await probe.started.wait()
         raise RuntimeError("database is locked")
 
-    courier.room_context = room_context  # type: ignore[method-assign]
+    courier.gather.room = room_context  # type: ignore[method-assign]
     item = OutboxItem(room_id=ROOM, user_id=USER, trigger="join", id=1)
     try:
         await courier.deliver([item])
@@ -288,12 +309,12 @@ async def test_finding_2b_stopping_the_courier_mid_batch_leaves_the_key_query_ru
     homeserver and writing the crypto store after the plugin stopped."""
     courier = courier_for(FakeClient(ReorderingServer()))
     probe = LookupProbe()
-    courier.bulk.devices = probe.devices  # type: ignore[method-assign]
+    courier.gather.devices = probe.devices  # type: ignore[method-assign]
 
     async def room_context(room_id, items):
         await asyncio.Event().wait()  # a slow homeserver
 
-    courier.room_context = room_context  # type: ignore[method-assign]
+    courier.gather.room = room_context  # type: ignore[method-assign]
     item = OutboxItem(room_id=ROOM, user_id=USER, trigger="join", id=1)
     batch = asyncio.create_task(courier.deliver([item]))
     await probe.started.wait()
@@ -332,9 +353,7 @@ async def test_finding_3_a_value_refused_by_the_room_limit_still_spends_its_key_
     once, then one a minute") counts seals that were never made."""
     clock = [1000.0]
     monkeypatch.setattr(sealer_module.time, "monotonic", lambda: clock[0])
-    sealer = Sealer(
-        None, None, None, None, SealBook(), lambda r: None, lambda r: True, lambda: (), LOG
-    )
+    sealer = Sealer(None, None, None, None, SealBook(), None, None, None, LOG)
     first = [(_Record(f"m.space.child:!c{n}"), {}) for n in range(200)]
     name = (_Record("m.room.topic:"), {})
     allowed = sealer._allowed(ROOM, first + [name])  # the room's first sealing
@@ -406,11 +425,11 @@ async def test_sanity_the_fast_lane_never_waits_on_its_own_pause() -> None:
         made = seals(3)
         book.load(made)
         courier = courier_for(client, book)
-        courier._fast_idle.clear()  # as while the fast lane drains a batch
+        courier.transport.fast_idle.clear()  # as while the fast lane drains a batch
         item = OutboxItem(room_id=ROOM, user_id=USER, trigger=trigger, id=1)
         shares = [
             Outcome(item, "NEWDEV", s.session_id, Share(0, "member"), device=newcomer.device)
             for s in made
         ]
-        sent, _, _ = await asyncio.wait_for(courier._send_keys(shares, object(), set()), 5)
+        sent, _, _ = await asyncio.wait_for(courier._send_keys(shares, {}, set()), 5)
         assert len(sent) == 3

@@ -16,6 +16,7 @@ from encstate_bot.policy import (
     decide,
     decide_seal,
 )
+from encstate_bot.room_policy import RoomPolicy
 
 from .helpers import ROOM, message, state
 
@@ -61,7 +62,7 @@ def test_not_empowered_is_silent() -> None:
 
 
 def test_policy_off_is_silent() -> None:
-    room = RoomFacts(room_id=ROOM, bot_level=50, users_default=0, mode=Mode.OFF)
+    room = RoomFacts(room_id=ROOM, bot_level=50, users_default=0, policy=RoomPolicy(mode=Mode.OFF))
     assert isinstance(decide(room, MEMBER, STATE_ONLY, HELD), Ignore)
 
 
@@ -82,7 +83,7 @@ def test_invitees_get_seals_and_never_anyone_elses_session() -> None:
     assert decide(room, who, STATE_ONLY, HELD).code == protocol.UNAUTHORISED
     # invitees as members, or invited by the bot: every seal, still nobody else's session
     for room_, who_ in (
-        (evolve(room, share_with_invited=True), who),
+        (evolve(room, policy=RoomPolicy(share_with_invited=True)), who),
         (room, evolve(who, invited_by_bot=True)),
     ):
         assert isinstance(decide_seal(room_, who_, custom), Share)
@@ -105,7 +106,9 @@ def test_devices() -> None:
     assert isinstance(decide(EMPOWERED, unknown, STATE_ONLY, HELD), Ignore)
     black = Requester(user_id="@x:x", device_id="D", membership="join", blacklisted=True)
     assert decide(EMPOWERED, black, STATE_ONLY, HELD).code == protocol.BLACKLISTED
-    room = RoomFacts(room_id=ROOM, bot_level=50, users_default=0, mode=Mode.CROSS_SIGNED)
+    room = RoomFacts(
+        room_id=ROOM, bot_level=50, users_default=0, policy=RoomPolicy(mode=Mode.CROSS_SIGNED)
+    )
     assert decide(room, MEMBER, STATE_ONLY, HELD).code == protocol.UNVERIFIED
     signed = Requester(user_id="@x:x", device_id="D", membership="join", cross_signed=True)
     assert isinstance(decide(room, signed, STATE_ONLY, HELD), Share)
@@ -131,7 +134,7 @@ def test_mixed_sessions_need_shared_history_and_visibility() -> None:
         room_id=ROOM,
         bot_level=50,
         users_default=0,
-        allow_mixed_shared_history=True,
+        policy=RoomPolicy(allow_mixed_shared_history=True),
         history_visibility="shared",
     )
     assert decide(allowed, MEMBER, mixed, HELD).code == protocol.UNAUTHORISED
@@ -140,7 +143,7 @@ def test_mixed_sessions_need_shared_history_and_visibility() -> None:
         room_id=ROOM,
         bot_level=50,
         users_default=0,
-        allow_mixed_shared_history=True,
+        policy=RoomPolicy(allow_mixed_shared_history=True),
         history_visibility="joined",
     )
     assert decide(joined_only, MEMBER, mixed, flagged).code == protocol.UNAUTHORISED

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from encstate_bot.courier import MAX_PER_CALL, rounds
 from encstate_bot.ratelimit import RecentSet, RequestGate, TokenBuckets
+from encstate_bot.transport import MAX_PER_CALL, rounds
 
 
 def test_token_bucket_refills() -> None:

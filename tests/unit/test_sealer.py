@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 from mautrix.api import Method
@@ -20,6 +21,8 @@ import olm
 
 from encstate_bot import protocol
 from encstate_bot.courier import Approved
+from encstate_bot.links import RoomLinks
+from encstate_bot.members import Members
 from encstate_bot.policy import ALL, Mode
 from encstate_bot.sealer import Sealer
 from encstate_bot.seals import SealBook
@@ -38,6 +41,15 @@ class _Policy:
     dry_run = False
     share_with_invited = False
     allow_mixed_shared_history = False
+    seal = True
+
+
+class _Policies:
+    def get(self, room_id: str) -> _Policy:
+        return _Policy()
+
+
+PREVIEW = SimpleNamespace(preview_types=("m.room.name", "m.room.topic", "m.room.avatar"))
 
 
 class _Account:
@@ -187,7 +199,7 @@ class World:
         self.store = MemoryStore()
         self.server = FakeServer({ADMIN: "join", BOT: "join", MEMBER: "join"})
         self.client = FakeClient(self.crypto, self.server)
-        self.tracker = Tracker(self.store, self.crypto, logging.getLogger("test"), None, BOT)
+        self.tracker = Tracker(self.store, self.crypto, logging.getLogger("test"), BOT)
         self.tracker.view(ROOM).apply(
             {
                 "type": "m.room.power_levels",
@@ -204,9 +216,9 @@ class World:
             self.tracker,
             self.courier,
             self.book,
-            lambda room_id: _Policy(),
-            lambda room_id: True,
-            lambda: ("m.room.name", "m.room.topic", "m.room.avatar"),
+            _Policies(),
+            Members(self.client),
+            PREVIEW,
             logging.getLogger("test.sealer"),
         )
         # the admin's Element-style session (state and chat in one)
@@ -426,39 +438,39 @@ async def test_review_03_a_moderator_flipping_the_topic_makes_the_bot_push_to_th
     queued: list[Any] = []
 
     class PushCourier:
-        seals = world.book
-
-        @staticmethod
-        def preview_types():
-            return ("m.room.name", "m.room.topic", "m.room.avatar")
-
         @staticmethod
         async def submit(items):
             queued.extend(items)
 
+    links = RoomLinks(world.tracker, BOT, logging.getLogger("test.links"))
     pushes = Pushes(
-        world.client,
+        BOT,
         world.store,
         world.tracker,
         PushCourier(),
-        lambda room_id: _Policy(),
-        lambda: True,
+        _Policies(),
+        links,
+        Members(world.client),
+        world.book,
+        SimpleNamespace(preview_types=PREVIEW.preview_types, push_on_join=True),
         logging.getLogger("test.pushes"),
     )
-    pushes.joined = {ROOM, SPACE}
-    pushes.graph.set_allow(ROOM, [SPACE])
+    links.set_joined({ROOM, SPACE})
+    links.graph.set_allow(ROOM, [SPACE])
 
-    async def on_new_state(room_id, sessions):  # what EncStateBot._on_new_state does
-        await pushes.on_new_state(room_id, sessions)
+    async def react() -> None:  # what the intake does after each step
+        for room_id, sessions in world.tracker.take_gained().items():
+            await pushes.on_new_state(room_id, sessions)
 
-    world.tracker.on_new_state = on_new_state
     mod_session = world.give_session(MOD)
     flips = 20
     for n in range(flips):
         await world.admin_sets_topic(f"$flip{n}", "on" if n % 2 else "off", MOD, mod_session)
+        await react()
         # the sealer's loop, once per coalescing window, within the rate limits
         await world.sealer.seal_room(ROOM, limited=True)
         await world.seal_events_come_back()
+        await react()
     events = len(world.server.puts)
     pushed = len([i for i in queued if i.via == SPACE])
     assert events <= 5 and pushed <= 5 * len(space_members), (
@@ -493,6 +505,7 @@ async def test_review_04_keys_that_failed_to_go_out_are_neither_retried_nor_awai
 
     world.courier = FailingKeys(world.server)
     world.courier.store = world.store
+    world.courier.transport = world.courier
     world.sealer.courier = world.courier
     await world.admin_sets_topic("$t1", "Nightingale")
     await world.sealer.seal_room(ROOM)

@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import json
 import logging
+from types import SimpleNamespace
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,9 +16,11 @@ from mautrix.crypto.sessions import InboundGroupSession
 import olm
 
 from encstate_bot import protocol
-from encstate_bot.courier import MAX_ATTEMPTS, Courier, _member_state
+from encstate_bot.audit import MAX_ATTEMPTS, expired
+from encstate_bot.identity import Identity
 from encstate_bot.keyrequests import KeyRequests
 from encstate_bot.ledger import MessageStatus, RoomLedger, SessionKind, Status
+from encstate_bot.members import member_state as _member_state
 from encstate_bot.policy import (
     HeldSession,
     Mode,
@@ -29,6 +32,7 @@ from encstate_bot.policy import (
     decide_seal,
 )
 from encstate_bot.ratelimit import RequestGate
+from encstate_bot.room_policy import RoomPolicy
 from encstate_bot.rooms import RoomView
 from encstate_bot.store import OutboxItem
 from encstate_bot.tracker import Tracker
@@ -392,7 +396,7 @@ async def test_finding_10_requests_for_rooms_the_bot_is_not_in_never_queue() -> 
         own_user="@bot:x",
         own_device="BOT",
         log=logging.getLogger("test"),
-        joined=lambda room_id: room_id == ROOM,
+        links=SimpleNamespace(is_joined=lambda room_id: room_id == ROOM),
     )
     body = {"algorithm": protocol.MEGOLM_ALGORITHM, "session_id": "S"}
     events = [
@@ -416,14 +420,14 @@ def test_finding_10_queued_items_have_an_attempt_cap_and_an_age_limit() -> None:
 
     now = int(time.time() * 1000)
     fresh = OutboxItem(room_id=ROOM, user_id=MEMBER, trigger="request", enqueued=now)
-    assert not Courier._expired(fresh)
-    assert Courier._expired(fresh.__class__(**{**fresh.__dict__, "attempts": MAX_ATTEMPTS[True]}))
+    assert not expired(fresh)
+    assert expired(fresh.__class__(**{**fresh.__dict__, "attempts": MAX_ATTEMPTS[True]}))
     old = OutboxItem(room_id=ROOM, user_id=MEMBER, trigger="request", enqueued=now - 25 * 86400000)
-    assert Courier._expired(old)
+    assert expired(old)
     push = OutboxItem(room_id=ROOM, user_id=MEMBER, trigger="join", enqueued=now - 3600_000)
-    assert not Courier._expired(push)
+    assert not expired(push)
     # a push retried through an hour of trouble in its room (5 min apart at most) is kept
-    assert not Courier._expired(push.__class__(**{**push.__dict__, "attempts": 20}))
+    assert not expired(push.__class__(**{**push.__dict__, "attempts": 20}))
 
 
 # The policy over every field ----------------------------------------------------------------
@@ -471,9 +475,11 @@ def test_no_ban_kick_off_policy_or_powerless_bot_ever_yields_a_share(
         bot_level=bot_level,
         users_default=users_default,
         history_visibility=visibility,
-        mode=mode,
-        share_with_invited=share_with_invited,
-        allow_mixed_shared_history=allow_mixed,
+        policy=RoomPolicy(
+            mode=mode,
+            share_with_invited=share_with_invited,
+            allow_mixed_shared_history=allow_mixed,
+        ),
     )
     who = Requester(
         user_id=MEMBER,
@@ -519,10 +525,9 @@ async def test_cross_signed_means_trusted_on_first_use_and_a_changed_identity_is
     async def resolve(trust):
         return trust
 
-    courier = Courier.__new__(Courier)
-    courier.log = logging.getLogger("test")
+    client = SimpleNamespace(crypto=SimpleNamespace(resolve_trust=None))
+    identity = Identity(client, logging.getLogger("test"))
     device = SimpleNamespace(user_id=MEMBER, device_id="D")
-    courier.client = SimpleNamespace(crypto=SimpleNamespace(resolve_trust=None))
     expected = {
         TrustState.UNVERIFIED: (False, False),
         TrustState.CROSS_SIGNED_UNTRUSTED: (False, True),  # a swapped-in identity
@@ -530,9 +535,11 @@ async def test_cross_signed_means_trusted_on_first_use_and_a_changed_identity_is
         TrustState.VERIFIED: (True, False),
     }
     for trust, result in expected.items():
-        courier.client.crypto.resolve_trust = lambda d, t=trust: resolve(t)
-        assert await courier.trust(device) == result, trust
-    room = RoomFacts(room_id=ROOM, bot_level=50, users_default=0, mode=Mode.CROSS_SIGNED)
+        client.crypto.resolve_trust = lambda d, t=trust: resolve(t)
+        assert await identity.trust(device) == result, trust
+    room = RoomFacts(
+        room_id=ROOM, bot_level=50, users_default=0, policy=RoomPolicy(mode=Mode.CROSS_SIGNED)
+    )
     who = Requester(user_id=MEMBER, device_id="D", membership="join", identity_changed=True)
     ledger = RoomLedger(ROOM)
     ledger.add_state(state("$name", "S", 0))

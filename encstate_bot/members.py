@@ -1,0 +1,116 @@
+"""Who is in a room, as the homeserver says now: the one place that asks.
+
+The policy decides on memberships read at send time, never on what a sync said earlier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from mautrix.api import Method, Path
+from mautrix.errors import MNotFound
+
+LOOKUP_LIMIT = 3  # above this many users in one room, list the room's members
+
+
+class Members:
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    async def joined(self, room_id: str) -> list[str]:
+        resp = await self.client.api.request(Method.GET, Path.v3.rooms[room_id].joined_members)
+        return list(resp.get("joined", {}))
+
+    async def joined_and_invited(self, room_id: str) -> tuple[list[str], list[str]]:
+        """(joined, invited) users of the room."""
+        resp = await self.client.api.request(
+            Method.GET, Path.v3.rooms[room_id].members, query_params={"not_membership": "leave"}
+        )
+        joined: list[str] = []
+        invited: list[str] = []
+        for evt in resp.get("chunk", []):
+            if not isinstance(evt, dict) or not isinstance(evt.get("state_key"), str):
+                continue
+            content = evt.get("content") if isinstance(evt.get("content"), dict) else {}
+            membership = content.get("membership")
+            if membership == "join":
+                joined.append(evt["state_key"])
+            elif membership == "invite":
+                invited.append(evt["state_key"])
+        return joined, invited
+
+    async def memberships(self, room_id: str, user_ids: set[str]) -> dict[str, str | None]:
+        """Each user's current membership (None: never a member)."""
+        return {u: m for u, (m, _) in (await self.states(room_id, user_ids)).items()}
+
+    async def states(self, room_id: str, user_ids: set[str]) -> dict[str, tuple[str | None, bool]]:
+        """Each user's membership and whether they were removed (banned, or kicked: a leave
+        sent by someone else). One GET per user for a few users; else the joined members in
+        one call, and the other memberships (with their senders) only if someone is not
+        joined. A leave whose sender cannot be read counts as removed."""
+        room = Path.v3.rooms[room_id]
+        if len(user_ids) <= LOOKUP_LIMIT:
+
+            async def one(user_id: str) -> tuple[str | None, bool]:
+                try:
+                    event = await self.client.api.request(
+                        Method.GET,
+                        room.state["m.room.member"][user_id],
+                        query_params={"format": "event"},
+                    )
+                except MNotFound:
+                    return None, False
+                return member_state(user_id, event)
+
+            users = list(user_ids)
+            found = await asyncio.gather(*(one(u) for u in users))
+            return dict(zip(users, found, strict=True))
+        joined = await self.client.api.request(Method.GET, room.joined_members)
+        states: dict[str, tuple[str | None, bool]] = {
+            u: ("join", False) for u in joined.get("joined", {}) if u in user_ids
+        }
+        if len(states) < len(user_ids):
+            resp = await self.client.api.request(
+                Method.GET, room.members, query_params={"not_membership": "join"}
+            )
+            for evt in resp.get("chunk", []):
+                user_id = evt.get("state_key") if isinstance(evt, dict) else None
+                if user_id in user_ids and user_id not in states:
+                    states[user_id] = member_state(user_id, evt)
+        return {u: states.get(u, (None, False)) for u in user_ids}
+
+
+def member_state(user_id: str, event: Any) -> tuple[str | None, bool]:
+    """(membership, removed) from a member event (or, from a server that ignores
+    ``format=event``, its bare content: then a leave counts as removed, to be safe)."""
+    if not isinstance(event, dict):
+        return None, False
+    # A whole event has a type and a sender; bare content is what the user wrote, so a
+    # "content" key inside it means nothing.
+    whole = event.get("type") == "m.room.member" and isinstance(event.get("sender"), str)
+    content = event.get("content") if whole else event
+    membership = content.get("membership") if isinstance(content, dict) else None
+    if not isinstance(membership, str):
+        return None, False
+    if membership == "ban":
+        return membership, True
+    if membership == "leave":
+        return membership, not whole or event["sender"] != user_id
+    return membership, False
+
+
+def membership_changes(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(user, new membership) for member events that changed someone's membership."""
+    changes = []
+    for raw in events:
+        if raw.get("type") != "m.room.member" or not isinstance(raw.get("state_key"), str):
+            continue
+        content = raw.get("content") if isinstance(raw.get("content"), dict) else {}
+        unsigned = raw.get("unsigned") if isinstance(raw.get("unsigned"), dict) else {}
+        prev = unsigned.get("prev_content")
+        prev_membership = prev.get("membership") if isinstance(prev, dict) else None
+        membership = content.get("membership")
+        if isinstance(membership, str) and membership != prev_membership:
+            changes.append((raw["state_key"], membership))
+    return changes

@@ -1,0 +1,30 @@
+"""Why the bot is sending (or refusing) something: every queued item and audit row names one.
+
+The values are what the database and the audit show, so they never change spelling.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Trigger(str, Enum):
+    REQUEST = "request"  # a device asked (m.room_key_request)
+    JOIN = "join"  # push on join
+    INVITE = "invite"  # push on invite (the preview seals, or all where invitees count)
+    LINK = "link"  # a member of a room that a restricted room's join rule admits through
+    BOT_INVITE = "bot-invite"  # someone the bot invited (!encstate invite, an approved knock)
+    SEAL = "seal"  # a seal's key, before or after its event
+    COMMAND = "command"  # an admin's !encstate share, or the bot's own reply session
+    OWN = "own"  # a check of who may hold the bot's own sessions
+    BUNDLE = "bundle"  # a room key bundle (MSC4268)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Someone is waiting: these go through the fast lane, ahead of bulk pushes.
+FAST = frozenset({Trigger.REQUEST, Trigger.JOIN, Trigger.INVITE, Trigger.BOT_INVITE})
+# Nobody asked: never the same (device, session, index) twice, and nothing to someone not
+# joined except the seals within their reach. Requests and an admin's share are always answered.
+UNASKED = frozenset({Trigger.JOIN, Trigger.INVITE, Trigger.LINK, Trigger.BOT_INVITE, Trigger.SEAL})
