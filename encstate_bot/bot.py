@@ -173,9 +173,14 @@ class EncStateBot(Plugin):
                 "encstate needs end-to-end encryption: give the client a device ID and "
                 "install maubot[encryption]. Until then it only records what it sees."
             )
-        else:
-            for problem in glue.check(client.crypto):
+        elif problems := glue.check(client.crypto):
+            for problem in problems:
                 log.critical(problem)
+            log.critical(
+                f"encstate sends no keys until a mautrix {glue.MAUTRIX_RANGE} is installed; "
+                "it only records what it sees"
+            )
+        else:
             self.intake.install()
             self.courier.start()
             self.sealer.start()
