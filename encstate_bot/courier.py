@@ -282,7 +282,7 @@ class Courier:
         items = [OutboxItem(room_id=room_id, user_id=u, trigger=Trigger.OWN) for u in user_ids]
         context = await self.gather.room(room_id, items)
         devices = await self.gather.devices(set(user_ids))
-        users = await self.gather.users(context, devices, user_ids)
+        users = await self.gather.users(context, devices, {u: (True, set()) for u in user_ids})
         own = (self.client.mxid, self.client.device_id)
         approved: list[Approved] = []
         refused: list[AuditRow] = []

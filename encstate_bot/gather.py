@@ -31,6 +31,19 @@ from .tracker import SessionSource, Tracker
 from .triggers import Trigger
 
 Devices = dict[str, dict[str, DeviceIdentity]]
+# user -> (decisions for all their current devices, the devices named explicitly)
+Targets = dict[str, tuple[bool, set[str]]]
+
+
+def targets(items: list[OutboxItem]) -> Targets:
+    """Which devices the decisions about these items are about, per user."""
+    found: Targets = {}
+    for item in items:
+        every, named = found.get(item.user_id, (False, set()))
+        if item.device_id:
+            named.add(item.device_id)
+        found[item.user_id] = (every or not item.device_id, named)
+    return found
 
 
 @dataclass(frozen=True)
@@ -141,15 +154,25 @@ class Gatherer:
             return known
 
     async def users(
-        self, context: RoomContext, devices: Devices, user_ids: list[str]
+        self, context: RoomContext, devices: Devices, targets: Targets
     ) -> dict[str, UserFacts]:
+        """What the policy needs of each user and their devices. Trust (a few crypto-store
+        reads per device) is resolved only where the room's policy asks for it, for the devices
+        the decisions are about, of users whose membership can pass the policy."""
         cross_signed = context.facts.policy.mode == Mode.CROSS_SIGNED
         users: dict[str, UserFacts] = {}
-        for user_id in dict.fromkeys(user_ids):
+        for user_id, (all_devices, named) in targets.items():
+            membership = context.memberships.get(user_id)
+            may_pass = (
+                user_id not in context.removed
+                and membership != "ban"
+                and (membership in ("join", "invite") or user_id in context.admitted)
+            )
             facts: list[DeviceFacts] = []
             for device_id, device in devices.get(user_id, {}).items():
                 signed = changed = False
-                if cross_signed:
+                decided = device_id in named or (all_devices and not device.deleted)
+                if cross_signed and may_pass and decided:
                     signed, changed = await self.identity.trust(device)
                 facts.append(
                     DeviceFacts(
@@ -161,7 +184,7 @@ class Gatherer:
                     )
                 )
             users[user_id] = UserFacts(
-                membership=context.memberships.get(user_id),
+                membership=membership,
                 removed=user_id in context.removed,
                 admitted_via=context.admitted.get(user_id),
                 devices=tuple(facts),
@@ -231,5 +254,5 @@ class Gatherer:
         if any(not i.session_id for i in items):
             wanted += shareable
         infos, groups = await self.sessions(context.room_id, wanted, source, hold_seals)
-        users = await self.users(context, devices, [i.user_id for i in items])
+        users = await self.users(context, devices, targets(items))
         return RoomBatch(context.facts, users, infos, shareable), groups

@@ -177,17 +177,28 @@ class Intake:
     # Reactions ----------------------------------------------------------------------------------
 
     async def react(self) -> None:
-        """Act on the sessions that gained valid state: seal the room again, answer the
-        requests that waited for them, push them to the members of admitting rooms (once the
-        start-up rescan knows the links)."""
-        for room_id, session_ids in self.tracker.take_gained().items():
-            if self.ready.is_set():
-                self.sealer.mark(room_id)
-            await self.requests.session_arrived(room_id, session_ids)
-            if self.ready.is_set():
-                await self.pushes.on_new_state(room_id, session_ids)
-            else:
-                self._gained_at_start.setdefault(room_id, set()).update(session_ids)
+        """Act on the sessions that gained valid state: seal the room again, push them to the
+        members of admitting rooms (once the start-up rescan knows the links), answer the
+        requests that waited for them. A room whose reactions fail is retried by the next
+        call; the others go on (the pushes are idempotent: nothing is pushed twice unasked)."""
+        for room_id, sessions in self.tracker.take_gained().items():
+            try:
+                await self._react(room_id, sessions)
+            except asyncio.CancelledError:
+                self.tracker.give_back(room_id, sessions)
+                raise
+            except Exception:
+                self.log.exception(f"Reacting to new state in {room_id} failed; retrying later")
+                self.tracker.give_back(room_id, sessions)
+
+    async def _react(self, room_id: str, sessions: dict[str, float]) -> None:
+        session_ids = set(sessions)
+        if self.ready.is_set():
+            self.sealer.mark(room_id)
+            await self.pushes.on_new_state(room_id, session_ids)
+        else:
+            self._gained_at_start.setdefault(room_id, set()).update(session_ids)
+        await self.requests.session_arrived(room_id, sessions)
 
     # Sync ---------------------------------------------------------------------------------------
 

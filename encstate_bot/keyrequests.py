@@ -134,15 +134,17 @@ class KeyRequests:
         while len(self.waiting) > MAX_WAITING:
             self.waiting.popitem(last=False)
 
-    async def session_arrived(self, room_id: str, session_ids: set[str]) -> None:
-        """Answer again the recent requests for sessions that just became decryptable."""
+    async def session_arrived(self, room_id: str, sessions: dict[str, float]) -> None:
+        """Answer again the recent requests for sessions that just became decryptable: those
+        that came before the session did (``sessions``: when each became decryptable, as
+        ``time.monotonic()``); a later one was decided with the session held already."""
         now = time.monotonic()
         for key in [k for k, v in self.waiting.items() if now - v[2] > WAIT_FOR_KEY_SECONDS]:
             del self.waiting[key]
         items = [
             self._item(user, device, request_id, room, session)
-            for (user, device, request_id), (room, session, _) in self.waiting.items()
-            if room == room_id and session in session_ids
+            for (user, device, request_id), (room, session, asked) in self.waiting.items()
+            if room == room_id and session in sessions and asked <= sessions[session]
         ]
         if items:
             self.log.info(f"Answering {len(items)} earlier request(s) for newly held sessions")

@@ -135,8 +135,7 @@ def plan(
             for device in targets:
                 key = (item.user_id, device.device_id, session_id)
                 if key in seen:
-                    continue
-                seen.add(key)
+                    continue  # decided already in this batch
                 who = requester(item.user_id, user, device, item.trigger == Trigger.BOT_INVITE)
                 if unasked and who.membership != "join":
                     # Unasked, someone not joined gets the seals within their reach and hears
@@ -158,6 +157,8 @@ def plan(
                     decision = Ignore(
                         f"dry run: would share from index {decision.index} ({decision.reason})"
                     )
+                seen.add(key)  # only once decided: an unasked item's silence never hides a
+                # later asked item for the same key in the batch
                 planned.append(Planned(item, device.device_id, session_id, decision))
     return planned
 

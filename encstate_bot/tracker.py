@@ -8,6 +8,7 @@ message once it decrypts to a payload that is not replayed state.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Awaitable, Callable, Iterable
 
 from mautrix.errors import GroupSessionWithheldError
@@ -115,8 +116,9 @@ class Tracker:
         self.store = store
         self.crypto = crypto
         self.log = log
-        # room -> sessions that gained valid state since the reactions last took them
-        self.gained: dict[str, set[str]] = {}
+        # room -> session -> when it first gained valid state (time.monotonic()), until the
+        # reactions take it
+        self.gained: dict[str, dict[str, float]] = {}
         self.views: dict[str, RoomView] = {}
         self.ledgers: dict[str, RoomLedger] = {}
         self.shared_history: set[tuple[str, str]] = set()
@@ -142,10 +144,16 @@ class Tracker:
             self.ledger(room_id).set_server_current(outer_key, event_id)
         self.shared_history = await self.store.shared_history_sessions()
 
-    def take_gained(self) -> dict[str, set[str]]:
-        """The sessions that gained valid state since the last call, per room."""
+    def take_gained(self) -> dict[str, dict[str, float]]:
+        """The sessions that gained valid state since the last call, per room, with when."""
         gained, self.gained = self.gained, {}
         return gained
+
+    def give_back(self, room_id: str, sessions: dict[str, float]) -> None:
+        """Gains whose reactions failed: taken again by the next call."""
+        room_gains = self.gained.setdefault(room_id, {})
+        for session_id, at in sessions.items():
+            room_gains[session_id] = min(at, room_gains.get(session_id, at))
 
     def session_source(self) -> SessionSource:
         """A per-batch view of the sessions the bot holds."""
@@ -316,7 +324,10 @@ class Tracker:
         await self.store.put_messages(settled_messages)
         gained = {rec.session_id for rec in settled_states if rec.status == Status.VALID}
         if gained:
-            self.gained.setdefault(room_id, set()).update(gained)
+            now = time.monotonic()
+            room_gains = self.gained.setdefault(room_id, {})
+            for session_id in gained:
+                room_gains.setdefault(session_id, now)
         return gained
 
     async def _judge(
