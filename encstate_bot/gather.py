@@ -177,6 +177,7 @@ class Gatherer:
                 facts.append(
                     DeviceFacts(
                         device_id=device_id,
+                        known=not device.deleted,  # a deleted device is no longer listed
                         deleted=bool(device.deleted),
                         blacklisted=device.trust == TrustState.BLACKLISTED,
                         cross_signed=signed,

@@ -118,7 +118,9 @@ def plan(
     """One decision per (device, session) the items stand for, in item order."""
     room = batch.room
     planned: list[Planned] = []
-    seen: set[tuple[str, str, str]] = set()
+    # key -> its decision's place in ``planned``, and whether an asked item may take it over
+    # (an unasked item refused it: only a request is told why, with a withheld notice)
+    seen: dict[tuple[str, str, str], tuple[int, bool]] = {}
     for item in items:
         if item.user_id == own_user:
             continue  # the bot's own devices: mautrix's own key sharing serves those
@@ -134,7 +136,8 @@ def plan(
             info = batch.sessions.get(session_id) or unknown_session(session_id)
             for device in targets:
                 key = (item.user_id, device.device_id, session_id)
-                if key in seen:
+                earlier, replaceable = seen.get(key, (None, False))
+                if earlier is not None and (unasked or not replaceable):
                     continue  # decided already in this batch
                 who = requester(item.user_id, user, device, item.trigger == Trigger.BOT_INVITE)
                 if unasked and who.membership != "join":
@@ -153,12 +156,18 @@ def plan(
                     and (item.user_id, device.device_id, session_id, decision.index) in delivered
                 ):
                     continue  # never push the same (device, session, index) twice unasked
+                replaceable = unasked and not isinstance(decision, Share)
                 if isinstance(decision, Share) and (dry_run or room.policy.dry_run):
                     decision = Ignore(
                         f"dry run: would share from index {decision.index} ({decision.reason})"
                     )
-                seen.add(key)  # only once decided: an unasked item's silence never hides a
-                # later asked item for the same key in the batch
+                # Seen only once decided: an unasked item's silence never hides a later asked
+                # item for the same key in the batch.
+                if earlier is not None:
+                    planned[earlier] = Planned(item, device.device_id, session_id, decision)
+                    seen[key] = (earlier, False)
+                    continue
+                seen[key] = (len(planned), replaceable)
                 planned.append(Planned(item, device.device_id, session_id, decision))
     return planned
 

@@ -252,18 +252,13 @@ def test_delivered_triggers_come_as_stored_strings_too() -> None:
         assert decided == {}, value
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: plan() marks a (user, device, session) as seen before the unasked rules drop "
-    "it, so a later asked item for it in the same batch is never answered",
-)
 @pytest.mark.parametrize(
     "first, delivered, expected",
     [
-        # a join push repeating a delivered key is dropped; the request after it goes too
+        # a join push repeating a delivered key is dropped; the request after it is answered
         (item(ALICE, Trigger.JOIN), {(ALICE, "A1", "STATE", 0)}, Share),
         # an invite push says nothing about other sessions; the invitee's request after it
-        # must still get its m.unauthorised answer
+        # still gets its m.unauthorised answer
         (item(INVITEE, Trigger.INVITE), set(), Withhold),
     ],
     ids=["delivered-share", "invitee-refusal"],
@@ -273,12 +268,32 @@ def test_an_asked_item_is_answered_after_an_unasked_one_for_the_same_key(
 ) -> None:
     device = USERS[first.user_id].devices[0].device_id
     ask = item(first.user_id, Trigger.REQUEST, device, "STATE")
-    # in the other order the request is answered ...
-    answered = plan(BOT, BATCH, [ask, first], delivered)
-    assert isinstance(by_key(answered)[(first.user_id, device, "STATE")], expected)
-    # ... and the order of a batch must not silence it
-    planned = plan(BOT, BATCH, [first, ask], delivered)
-    assert isinstance(by_key(planned).get((first.user_id, device, "STATE")), expected)
+    for order in ([ask, first], [first, ask]):  # the order of a batch never silences it
+        planned = plan(BOT, BATCH, order, delivered)
+        decided = [p for p in planned if (p.device_id, p.session_id) == (device, "STATE")]
+        assert len(decided) == 1 and decided[0].item is ask
+        assert isinstance(decided[0].decision, expected)
+
+
+def test_an_unasked_item_skipped_for_a_key_leaves_it_to_a_later_one() -> None:
+    # an invite push tells the invitee of the preview seal only; a bot-invite push after it
+    # reaches every seal, so the non-preview one is decided by that later item
+    items = [item(INVITEE, Trigger.INVITE), item(INVITEE, Trigger.BOT_INVITE)]
+    planned = plan(BOT, BATCH, items, set())
+    assert [(p.session_id, p.item.trigger) for p in planned] == [
+        ("NAME", Trigger.INVITE),
+        ("RULES", Trigger.BOT_INVITE),
+    ]
+    assert all(isinstance(p.decision, Share) for p in planned)
+
+
+def test_a_refusal_is_the_answer_to_a_request_for_the_same_key() -> None:
+    room = evolve(EMPOWERED, policy=RoomPolicy(mode=Mode.CROSS_SIGNED))  # A1 is not signed
+    ask = item(ALICE, Trigger.REQUEST, "A1", "STATE")
+    planned = plan(BOT, make_batch(room), [item(ALICE, Trigger.JOIN), ask], set())
+    decided = [p for p in planned if (p.device_id, p.session_id) == ("A1", "STATE")]
+    assert len(decided) == 1 and decided[0].decision.code == protocol.UNVERIFIED
+    assert decided[0].item.trigger == Trigger.REQUEST
 
 
 # Dry run --------------------------------------------------------------------------------------
@@ -947,47 +962,65 @@ def test_the_planner_adds_no_sharing_the_policy_would_refuse(
     planned = plan(BOT, batch, queued, delivered, dry_run)
     no_shares = dry_run or batch.room.policy.dry_run
 
-    # the first item (in order) standing for each (user, device, session), not the bot's
-    first: dict[tuple[str, str, str], tuple[OutboxItem, DeviceFacts]] = {}
-    for it in queued:
-        if it.user_id != BOT:
-            for device, session_id in stands_for(batch, it):
-                first.setdefault((it.user_id, device.device_id, session_id), (it, device))
+    # The rules, item by item: a (user, device, session) goes to the first item that is not
+    # silent about it; unasked, silence is for someone not joined (but for the seals within
+    # their reach) and for a share already delivered from that index. A refusal an unasked
+    # item decided is taken over, in its place, by the first asked item for the same key (only
+    # a request is told why).
+    reference: list = []
+    decided_by: dict[tuple[str, str, str], tuple[int, bool]] = {}
+    replaced: set[tuple[str, str, str]] = set()
 
+    def taken_over(p: Planned) -> bool:
+        return (p.item.user_id, p.device_id, p.session_id) in replaced
+
+    for it in queued:
+        if it.user_id == BOT:
+            continue
+        unasked = it.trigger in UNASKED
+        joined = batch.users.get(it.user_id, UserFacts(None)).membership == "join"
+        for device, session_id in stands_for(batch, it):
+            key = (it.user_id, device.device_id, session_id)
+            place, takeover = decided_by.get(key, (None, False))
+            if place is not None and (unasked or not takeover):
+                continue
+            info = batch.sessions.get(session_id)
+            if unasked and not joined and not seal_in_reach(batch, it, info and info.seal):
+                continue
+            expected = policy_says(batch, it, device, session_id)
+            if unasked and isinstance(expected, Share) and (*key, expected.index) in delivered:
+                continue
+            entry = (it, device, session_id, dry(expected) if no_shares else expected)
+            if place is not None:
+                reference[place] = entry
+                decided_by[key] = (place, False)
+                replaced.add(key)
+                continue
+            decided_by[key] = (len(reference), unasked and not isinstance(expected, Share))
+            reference.append(entry)
+
+    assert [(p.item, p.device_id, p.session_id, p.decision) for p in planned] == [
+        (it, device.device_id, session_id, decision)
+        for it, device, session_id, decision in reference
+    ]
     keys = [(p.item.user_id, p.device_id, p.session_id) for p in planned]
     assert len(keys) == len(set(keys)), "a (user, device, session) decided twice"
-    positions = [next(n for n, it in enumerate(queued) if it is p.item) for p in planned]
+    # in item order (a decision taken over by a request keeps its place)
+    kept = [p for p in planned if p.item.trigger in UNASKED or not taken_over(p)]
+    positions = [next(n for n, it in enumerate(queued) if it is p.item) for p in kept]
     assert positions == sorted(positions), "not in item order"
-    for p, key in zip(planned, keys, strict=True):
+    for p, key, (it, device, _, _) in zip(planned, keys, reference, strict=True):
+        assert p.item is it
         assert p.item.user_id != BOT, "a decision about the bot's own account"
-        assert key in first, "a (device, session) no item stands for"
-        it, device = first[key]
-        assert p.item is it, "decided for a later item than the first naming it"
-        expected = policy_says(batch, it, device, p.session_id)
-        assert p.decision == (dry(expected) if no_shares else expected)
-        unasked = it.trigger in UNASKED
-        info = batch.sessions.get(p.session_id)
-        seal = info.seal if info is not None else None
-        if unasked and batch.users.get(it.user_id, UserFacts(None)).membership != "join":
-            assert seal_in_reach(batch, it, seal), "unasked, told someone not joined of it"
-        if isinstance(expected, Share):
-            assert not (unasked and (*key, expected.index) in delivered), "pushed twice"
         if isinstance(p.decision, Share):
             assert not no_shares, "shared in a dry run"
+            assert not (it.trigger in UNASKED and (*key, p.decision.index) in delivered)
             assert_share_is_safe(batch, it, device, p.session_id, p.decision)
-
-    # and every (device, session) the rules do not skip is decided
-    decided = set(keys)
-    for key, (it, device) in first.items():
-        expected = policy_says(batch, it, device, key[2])
-        unasked = it.trigger in UNASKED
-        info = batch.sessions.get(key[2])
-        membership = batch.users.get(it.user_id, UserFacts(None)).membership
-        skipped = unasked and (
-            (membership != "join" and not seal_in_reach(batch, it, info and info.seal))
-            or (isinstance(expected, Share) and (*key, expected.index) in delivered)
-        )
-        assert (key in decided) == (not skipped), (key, it, expected)
+    # asked ones are always answered
+    for it in queued:
+        if it.user_id != BOT and it.trigger not in UNASKED:
+            for device, session_id in stands_for(batch, it):
+                assert (it.user_id, device.device_id, session_id) in decided_by, "unanswered"
 
 
 @PROPERTY
