@@ -41,8 +41,12 @@ PER_ROOM_ITEMS = 1000  # one busy room cannot take a whole batch
 WAVE_USERS = 1000  # users whose device keys are looked up together (bounds memory)
 BATCH_ITEMS = 2000
 # A join storm becomes a few batches, not one per join: when the push lane wakes to a short
-# queue it waits this long for more.
+# queue it waits this long for more; longer while a storm goes on (it woke again soon after
+# its last batch: a homeserver admits joins to a room one after the other, often a second
+# apart).
 PUSH_COALESCE_SECONDS = 0.5
+STORM_COALESCE_SECONDS = 2.0
+STORM_GAP_SECONDS = 5.0
 COALESCE_BELOW = 50
 
 
@@ -108,6 +112,7 @@ class Courier:
         wake = self._wake[lane]
         fast = lane == FAST_LANE
         idle = self.transport.fast_idle
+        last_batch = float("-inf")  # when this lane last finished a batch (monotonic)
         while True:
             try:
                 if fast:
@@ -124,6 +129,9 @@ class Courier:
                 await asyncio.sleep(5)
                 continue
             if worked:
+                last_batch = time.monotonic()
+                if not fast and 0 < await self.store.pending_count() < COALESCE_BELOW:
+                    await asyncio.sleep(STORM_COALESCE_SECONDS)  # more are coming in
                 continue
             wake.clear()
             next_due = await self.store.next_due_ms(fast)
@@ -135,7 +143,8 @@ class Courier:
             except asyncio.TimeoutError:
                 continue
             if not fast and await self.store.pending_count() < COALESCE_BELOW:
-                await asyncio.sleep(PUSH_COALESCE_SECONDS)
+                storm = time.monotonic() - last_batch < STORM_GAP_SECONDS
+                await asyncio.sleep(STORM_COALESCE_SECONDS if storm else PUSH_COALESCE_SECONDS)
 
     async def drain(self, lane: str) -> bool:
         """Process one batch of due items of a lane; False if there was none."""
