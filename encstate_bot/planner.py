@@ -115,7 +115,9 @@ def plan(
     delivered: set[tuple[str, str, str, int]],
     dry_run: bool = False,
 ) -> list[Planned]:
-    """One decision per (device, session) the items stand for, in item order."""
+    """One decision per (user, device, session) the items stand for, in item order: the first
+    item that decides a key keeps it, but a request (or an admin's share) after a push that
+    refused the same key takes the refusal over, since only a request is told why."""
     room = batch.room
     planned: list[Planned] = []
     # key -> its decision's place in ``planned``, and whether an asked item may take it over

@@ -31,8 +31,9 @@ order of the checks:
 
 The planner (``planner.py``) applies the tree to a batch and adds the batch rules: never the
 bot's own account; unasked pushes to someone not joined carry only the seals within their reach
-and say nothing of the rest; never the same (device, session, index) twice unasked; a dry run
-turns every share into an ignore.
+and say nothing of the rest; never the same (device, session, index) twice unasked; a request
+after a push that refused the same key gets the refusal itself; a dry run turns every share into
+an ignore.
 """
 
 from __future__ import annotations
