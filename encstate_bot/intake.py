@@ -56,6 +56,20 @@ class Origins:
         return self.sessions.get(str(event_id))
 
 
+class RawRequestWarnings(logging.Filter):
+    """Drops mautrix's warning for each key request it cannot deserialize (clients leave out
+    ``sender_key``, which mautrix requires): the intake reads those requests raw and answers
+    them, and logs the malformed ones itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.startswith("Failed to deserialize")
+            and "'type': 'm.room_key_request'" in message
+            and " into ToDeviceEvent: " in message
+        )
+
+
 class Intake:
     def __init__(
         self,
@@ -86,6 +100,7 @@ class Intake:
         self._sync_seen = False
         self._gained_at_start: dict[str, set[str]] = {}
         self._restore_receivers: Any = None
+        self._raw_requests = RawRequestWarnings()
         self._tasks: list[asyncio.Task] = []
 
     # Hooks on the shared Olm machine (removed in stop) ----------------------------------------
@@ -98,6 +113,11 @@ class Intake:
         # tracker decrypts it, so keep it away from mautrix's decryptor.
         self.client.add_event_middleware(EventType.ROOM_ENCRYPTED, self._not_encrypted_state)
         self._restore_receivers = glue.patch_key_receivers(crypto, self.on_key, self.log)
+        self.client.log.addFilter(self._raw_requests)
+        self.log.info(
+            "Key requests are read raw from the sync: mautrix's warnings about requests it "
+            "cannot parse (most lack sender_key) are silenced; encstate answers them"
+        )
 
     async def stop(self) -> None:
         if self.client.crypto is not None and self._restore_receivers is not None:
@@ -109,6 +129,7 @@ class Intake:
             )
             self._restore_receivers()
             self._restore_receivers = None
+            self.client.log.removeFilter(self._raw_requests)
         await stop_all(self._tasks)
 
     def spawn(self, coro: Awaitable[Any], name: str) -> None:
