@@ -14,7 +14,7 @@ from mautrix.types import DeviceIdentity
 from .policy import Decision, Share, Withhold
 from .render import Reply, short_id
 from .store import AuditRow, OutboxItem
-from .triggers import FAST, Trigger
+from .triggers import Trigger
 
 WITHHELD_PER_DEVICE = 10
 MAX_BACKOFF_MS = 5 * 60 * 1000
@@ -55,10 +55,6 @@ def expired(item: OutboxItem) -> bool:
     age = int(time.time() * 1000) - item.enqueued if item.enqueued else 0
     requests = item.trigger == Trigger.REQUEST
     return item.attempts + 1 >= MAX_ATTEMPTS[requests] or age > MAX_AGE_MS[requests]
-
-
-def in_fast_lane(item: OutboxItem) -> bool:
-    return item.trigger in FAST
 
 
 def row(o: Outcome) -> AuditRow:

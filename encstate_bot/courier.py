@@ -33,7 +33,7 @@ from .store import AuditRow, OutboxItem, Store
 from .tasks import settle, stop_all
 from .tracker import SessionSource, Tracker
 from .transport import Transport
-from .triggers import Trigger
+from .triggers import Trigger, is_fast
 
 FAST_LANE = "fast"
 PUSH_LANE = "push"
@@ -60,7 +60,7 @@ class Approved:
 
 
 def lane_of(item: OutboxItem) -> str:
-    return FAST_LANE if audit.in_fast_lane(item) else PUSH_LANE
+    return FAST_LANE if is_fast(item.trigger) else PUSH_LANE
 
 
 class Courier:
@@ -436,7 +436,7 @@ class Courier:
 
         # Answers and a newcomer's keys go at once (someone is waiting for them, and a repeat
         # after a crash is harmless); bulk pushes one call after the other.
-        waiting = all(audit.in_fast_lane(o.item) for o in shares)
+        waiting = all(is_fast(o.item.trigger) for o in shares)
         sent, failed, no_olm, calls = await self.transport.olm_send(
             entries, record, together=waiting
         )

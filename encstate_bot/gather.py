@@ -207,12 +207,16 @@ class Gatherer:
         )
 
     async def sessions(
-        self, room_id: str, session_ids: list[str], source: SessionSource, hold_seals: bool
+        self,
+        room_id: str,
+        session_ids: list[str],
+        live: set[str],
+        source: SessionSource,
+        hold_seals: bool,
     ) -> tuple[dict[str, SessionInfo], dict[str, Any]]:
-        """What the policy needs of each session, and the bot's megolm session objects (for
-        exporting; for the seals only with ``hold_seals``)."""
+        """What the policy needs of each session (``live``: the room's live seals), and the
+        bot's megolm session objects (for exporting; for the seals only with ``hold_seals``)."""
         ledger = self.tracker.ledgers.get(room_id)
-        live = {seal.session_id for seal in self.seals.live(ledger)}
         preview = self.config.preview_types
         infos: dict[str, SessionInfo] = {}
         groups: dict[str, Any] = {}
@@ -234,12 +238,6 @@ class Gatherer:
             infos[session_id] = SessionInfo(session_id, facts=facts, held=held)
         return infos, groups
 
-    def shareable(self, room_id: str) -> tuple[str, ...]:
-        """What an item naming no session stands for: the live seals, then the other state
-        sessions the bot may forward."""
-        live, others = self.seals.shareable(self.tracker.ledgers.get(room_id))
-        return tuple(live) + tuple(others)
-
     async def batch(
         self,
         context: RoomContext,
@@ -250,10 +248,13 @@ class Gatherer:
     ) -> tuple[RoomBatch, dict[str, Any]]:
         """Everything the planner needs for these items of one room, and the megolm sessions
         to export from."""
-        shareable = self.shareable(context.room_id)
+        # what an item naming no session stands for: the live seals, then the other state
+        # sessions the bot may forward
+        live, others = self.seals.shareable(self.tracker.ledgers.get(context.room_id))
+        shareable = tuple(live) + tuple(others)
         wanted = [i.session_id for i in items if i.session_id]
         if any(not i.session_id for i in items):
             wanted += shareable
-        infos, groups = await self.sessions(context.room_id, wanted, source, hold_seals)
+        infos, groups = await self.sessions(context.room_id, wanted, set(live), source, hold_seals)
         users = await self.users(context, devices, targets(items))
         return RoomBatch(context.facts, users, infos, shareable), groups

@@ -86,8 +86,6 @@ class RoomPolicies:
             seal=_either(own.seal, self.config["seal.enabled"]),
         )
 
-    __call__ = get
-
     def seal_on(self, room_id: str) -> bool:
         return self.get(room_id).seal
 
