@@ -15,31 +15,40 @@ from mautrix.client import InternalEventType
 from mautrix.util.async_db import UpgradeTable
 from mautrix.util.config import BaseProxyConfig
 
-from . import glue
-from .audit import Audit
-from .bulk_olm import BulkOlm
-from .bundles import Bundles
-from .commands import Commands
 from .config import Config
-from .courier import Courier
-from .gate import Gate
-from .gather import Gatherer
-from .identity import Identity
-from .intake import Intake, Origins
-from .keyrequests import KeyRequests
-from .links import RoomLinks
-from .members import Members
+from .e2ee import INSTALL_ENCRYPTION, Encryption, olm_missing
 from .migrations import upgrade_table
-from .pushes import Pushes
-from .ratelimit import RequestGate
-from .room_policy import RoomPolicies
-from .sealer import Sealer
-from .seals import SealBook
-from .store import Store
-from .supply import SelfSupply
-from .tasks import stop_all
-from .tracker import Tracker
-from .transport import Transport
+
+try:  # all of this needs python-olm, which only maubot[encryption] installs
+    from . import glue
+    from .audit import Audit
+    from .bulk_olm import BulkOlm
+    from .bundles import Bundles
+    from .commands import Commands
+    from .courier import Courier
+    from .gate import Gate
+    from .gather import Gatherer
+    from .identity import Identity
+    from .intake import Intake, Origins
+    from .keyrequests import KeyRequests
+    from .links import RoomLinks
+    from .members import Members
+    from .pushes import Pushes
+    from .ratelimit import RequestGate
+    from .room_policy import RoomPolicies
+    from .sealer import Sealer
+    from .seals import SealBook
+    from .store import Store
+    from .supply import SelfSupply
+    from .tasks import stop_all
+    from .tracker import Tracker
+    from .transport import Transport
+except ImportError as e:
+    if not olm_missing(e):
+        raise
+    CRYPTO_MISSING: ImportError | None = e
+else:
+    CRYPTO_MISSING = None
 
 MAINTENANCE_TICK = 15
 PRUNE_EVERY_SECONDS = 3600
@@ -57,8 +66,12 @@ class EncStateBot(Plugin):
         return upgrade_table
 
     async def start(self) -> None:
+        if CRYPTO_MISSING is not None:
+            self.log.critical(f"{INSTALL_ENCRYPTION} ({CRYPTO_MISSING})")
+            raise RuntimeError(INSTALL_ENCRYPTION)
         self.config.load_and_update()
         client, config, log = self.client, self.config, self.log
+        self.encryption = Encryption(client, self.id, log)
         self._tasks: list[asyncio.Task] = []
         self._pruned_at = 0.0
         self.store = Store(self.database)
@@ -164,15 +177,13 @@ class EncStateBot(Plugin):
             self.bundles,
             self.origins,
             log,
+            self.encryption,
         )
         self.ready = self.intake.ready  # set once the start-up rescan is done
         self.supply = SelfSupply(client, self.tracker, config, log.getChild("supply"))
         self.gate = Gate(client, config, self.tracker, self.policies, self.origins)
-        if client.crypto is None:
-            log.error(
-                "encstate needs end-to-end encryption: give the client a device ID and "
-                "install maubot[encryption]. Until then it only records what it sees."
-            )
+        if problem := self.encryption.problem():
+            log.error(problem)
         elif problems := glue.check(client.crypto):
             for problem in problems:
                 log.critical(problem)

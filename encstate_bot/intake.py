@@ -23,6 +23,7 @@ from mautrix.types import EventType, RoomID, SessionID, ToDeviceEvent
 
 from . import glue, protocol
 from .bundles import Bundles
+from .e2ee import Encryption
 from .keyrequests import KeyRequests
 from .links import RoomLinks
 from .members import membership_changes
@@ -84,6 +85,7 @@ class Intake:
         bundles: Bundles,
         origins: Origins,
         log: logging.Logger,
+        encryption: Encryption | None = None,
     ) -> None:
         self.client = client
         self.config = config
@@ -96,6 +98,8 @@ class Intake:
         self.bundles = bundles
         self.origins = origins
         self.log = log
+        self.encryption = encryption
+        self.last_sync: float | None = None  # time.time() of the last sync processed
         self.ready = asyncio.Event()
         self._sync_seen = False
         self._gained_at_start: dict[str, set[str]] = {}
@@ -224,6 +228,9 @@ class Intake:
     # Sync ---------------------------------------------------------------------------------------
 
     async def on_sync(self, evt: dict[str, Any]) -> None:
+        if self.encryption is not None and self.encryption.check():
+            return  # maubot swapped the client: this instance is being restarted
+        self.last_sync = time.time()
         data = evt.get("data") or {}
         meta = data.get("net.maunium.mautrix") or {}
         first_ignored = bool(meta.get("is_first")) and self.client.ignore_first_sync
