@@ -51,6 +51,15 @@ else:
     CRYPTO_MISSING = None
 
 MAINTENANCE_TICK = 15
+# Settings that change what the seals are or who gets them: the rooms are sealed again.
+RESEAL_ON_CHANGE = {
+    "seal.enabled",
+    "seal.preview_types",
+    "share_with_invited",
+    "require_cross_signed",
+    "allow_mixed_shared_history",
+    "dry_run",
+}
 PRUNE_EVERY_SECONDS = 3600
 
 
@@ -136,17 +145,10 @@ class EncStateBot(Plugin):
             config,
             log.getChild("pushes"),
         )
-        limits = config["rate_limits"]
         self.requests = KeyRequests(
             self.courier,
             self.store,
-            RequestGate(
-                limits["per_device"]["burst"],
-                limits["per_device"]["per_second"],
-                limits["per_user"]["burst"],
-                limits["per_user"]["per_second"],
-                config["duplicate_window_seconds"],
-            ),
+            RequestGate.from_config(config),
             client.mxid,
             client.device_id,
             log.getChild("requests"),
@@ -225,16 +227,48 @@ class EncStateBot(Plugin):
         await self.sealer.stop()
         await self.courier.stop()
 
+    def on_external_config_update(self) -> None:
+        """The admin saved the instance's config in the manager. A bad edit is refused: the old
+        config stays (and goes back into maubot's copy, so a restart does not disable the
+        instance), and one log line names the key. A good one is applied now."""
+        try:
+            proposed = self.config.proposed()
+        except Exception as e:
+            self.log.error(f"encstate kept its previous config: {e}")
+            self.config.save()
+            return
+        changed = self.config.changed_keys(proposed)
+        self.config.load_and_update()
+        if changed:
+            self.reconfigure(changed)
+
+    def reconfigure(self, changed: list[str]) -> None:
+        """Apply changed settings to a running instance (all of them apply live)."""
+        if any(k.startswith("rate_limits.") or k == "duplicate_window_seconds" for k in changed):
+            self.requests.gate.configure(self.config)
+        if any(k.startswith("cross_signing.") for k in changed) and self.encryption.on:
+            self._tasks.append(
+                asyncio.create_task(self._set_up_identity(), name="encstate-cross-signing")
+            )
+        if set(changed) & RESEAL_ON_CHANGE and self.ready.is_set():
+            for room_id in self.tracker.ledgers:
+                if self.links.is_joined(room_id):
+                    self.sealer.mark(room_id)
+        self.log.info(f"encstate applied config changes live: {', '.join(changed)}")
+
+    async def _set_up_identity(self) -> None:
+        try:
+            await self.identity.set_up(
+                self.config["cross_signing.recovery_key"],
+                self.config["cross_signing.bootstrap"],
+            )
+            await self.courier.gather.bulk.refresh_own_device_keys()
+        except Exception:
+            self.log.exception("Could not set up cross-signing")
+
     async def _startup(self) -> None:
         if self.client.crypto is not None:
-            try:
-                await self.identity.set_up(
-                    self.config["cross_signing.recovery_key"],
-                    self.config["cross_signing.bootstrap"],
-                )
-                await self.courier.gather.bulk.refresh_own_device_keys()
-            except Exception:
-                self.log.exception("Could not set up cross-signing")
+            await self._set_up_identity()
         try:
             await self.intake.rescan()
         except Exception:

@@ -48,7 +48,17 @@ def _need(ok: bool, key: str, what: str, value: Any) -> None:
         raise ConfigError(f"config key {key!r} must be {what}, not {value!r}")
 
 
-BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "base-config.yaml")
+def _find_base_config() -> str:
+    """The copy inside the package when installed from a wheel (setup.py puts it there), else
+    the repository's, one directory above the package (a checkout; maubot's .mbp)."""
+    here = os.path.dirname(__file__)
+    packaged = os.path.join(here, "base-config.yaml")
+    if os.path.exists(packaged):
+        return packaged
+    return os.path.join(os.path.dirname(here), "base-config.yaml")
+
+
+BASE_CONFIG = _find_base_config()
 
 
 def _packaged_base() -> RecursiveDict[CommentedMap]:
@@ -79,6 +89,18 @@ class Config(BaseProxyConfig):
     def load_and_update(self) -> None:
         super().load_and_update()
         self.validate()
+
+    def proposed(self) -> Config:
+        """The config as it now reads from maubot (after an edit in the manager), loaded and
+        validated apart from this one, which stays as it was: raises ConfigError (or the YAML
+        parser's error) if the edit is bad."""
+        candidate = Config(self._load_proxy, self._load_base_proxy, lambda _data: None)
+        candidate.load_and_update()
+        return candidate
+
+    def changed_keys(self, other: Config) -> list[str]:
+        """The settings (``KEYS``) whose values differ between this config and ``other``."""
+        return [key for key in KEYS if self[key] != other[key]]
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key."""

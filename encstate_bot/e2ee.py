@@ -48,7 +48,7 @@ RESTART_BY_HAND = (
 def olm_missing(error: ImportError) -> bool:
     """Whether an ImportError means python-olm (libolm's bindings) is not installed."""
     name = getattr(error, "name", None) or ""
-    return name == "olm" or name.startswith("olm.") or name == "_libolm"
+    return name.split(".")[0] == "olm" or name.endswith("libolm")  # the bindings' C module
 
 
 def maubot_client(client: Any) -> Any:

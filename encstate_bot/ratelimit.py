@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 
 class TokenBuckets:
@@ -79,6 +80,28 @@ class RequestGate:
         self.per_user = TokenBuckets(user_burst, user_rate)
         self.request_ids = RecentSet(max(duplicate_window, 600))
         self.recent = RecentSet(duplicate_window)
+
+    @classmethod
+    def from_config(cls, config: Any) -> RequestGate:
+        return cls(*cls._limits(config))
+
+    def configure(self, config: Any) -> None:
+        """Take new limits live: the buckets keep their state, capped at a lower burst."""
+        device_burst, device_rate, user_burst, user_rate, window = self._limits(config)
+        self.per_device.burst, self.per_device.per_second = float(device_burst), device_rate
+        self.per_user.burst, self.per_user.per_second = float(user_burst), user_rate
+        self.request_ids.window = max(window, 600)
+        self.recent.window = window
+
+    @staticmethod
+    def _limits(config: Any) -> tuple[float, float, float, float, float]:
+        return (
+            config["rate_limits.per_device.burst"],
+            config["rate_limits.per_device.per_second"],
+            config["rate_limits.per_user.burst"],
+            config["rate_limits.per_user.per_second"],
+            config["duplicate_window_seconds"],
+        )
 
     def admit(
         self, user_id: str, device_id: str, request_id: str, session_id: str, now: float
