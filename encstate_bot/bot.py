@@ -61,6 +61,10 @@ RESEAL_ON_CHANGE = {
     "dry_run",
 }
 PRUNE_EVERY_SECONDS = 3600
+# How long a delivery waits for a key the bot does not hold: a key request (its client stops
+# waiting), a push to a member who joined before the key came.
+REQUEST_WAITS_KEPT_SECONDS = 3600
+PUSH_WAITS_KEPT_SECONDS = 30 * 86400
 
 
 class EncStateBot(Plugin):
@@ -176,6 +180,7 @@ class EncStateBot(Plugin):
             self.pushes,
             self.sealer,
             self.requests,
+            self.courier,
             self.bundles,
             self.origins,
             log,
@@ -289,6 +294,10 @@ class EncStateBot(Plugin):
         now = time.time()
         if now - self._pruned_at > PRUNE_EVERY_SECONDS:
             self._pruned_at = now
+            await self.store.drop_waits(
+                int((now - PUSH_WAITS_KEPT_SECONDS) * 1000),
+                int((now - REQUEST_WAITS_KEPT_SECONDS) * 1000),
+            )
             days = self.config["audit_retention_days"]
             if days:
                 removed = await self.store.prune_audit(int((now - days * 86400) * 1000))

@@ -24,7 +24,8 @@ from mautrix.types import DeviceIdentity, EventType
 from . import audit, protocol
 from .audit import WITHHELD_PER_DEVICE, Audit, Outcome
 from .gather import Devices, Gatherer, RoomContext
-from .planner import approve, plan
+from .ledger import SessionKind
+from .planner import approve, plan, waiting_for_keys
 from .policy import Share, Withhold
 from .room_keys import forwarded_content
 from .room_policy import RoomPolicy
@@ -264,7 +265,11 @@ class Courier:
         groups.update({(room_id, s): g for s, g in held.items()})
         own_key = self.client.crypto.account.identity_key if self.client.crypto else None
         outcomes = []
-        for p in plan(self.client.mxid, batch, items, delivered, dry_run):
+        planned = plan(self.client.mxid, batch, items, delivered, dry_run)
+        waits = waiting_for_keys(batch, planned)
+        if waits:
+            await self._wait_for_keys(room_id, waits)
+        for p in planned:
             seal = batch.sessions[p.session_id].seal if p.session_id in batch.sessions else None
             group = held.get(p.session_id)
             outcomes.append(
@@ -278,6 +283,29 @@ class Courier:
                 )
             )
         return outcomes
+
+    async def _wait_for_keys(self, room_id: str, waits: list[OutboxItem]) -> None:
+        """Keep deliveries refused for a missing key in the database; the intake queues them
+        again when the key arrives (``release``). A key that arrived while this batch was
+        deciding found no rows to release: release those now."""
+        await self.store.add_waits(waits)
+        ledger = self.tracker.ledgers.get(room_id)
+        arrived = {
+            w.session_id
+            for w in waits
+            if ledger is not None and ledger.facts(w.session_id).kind != SessionKind.PENDING
+        }
+        if arrived:
+            await self.release(room_id, arrived)
+
+    async def release(self, room_id: str, session_ids: set[str]) -> None:
+        """Sessions' keys arrived: queue again what waited for them."""
+        items = await self.store.take_waits(room_id, session_ids)
+        if items:
+            self.log.info(
+                f"Delivering {len(items)} key(s) in {room_id} that waited for the bot to hold them"
+            )
+            await self.submit(items)
 
     # The bot's own sessions ---------------------------------------------------------------------
 

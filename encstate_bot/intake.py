@@ -23,6 +23,7 @@ from mautrix.types import EventType, RoomID, SessionID, ToDeviceEvent
 
 from . import glue, protocol
 from .bundles import Bundles
+from .courier import Courier
 from .e2ee import Encryption
 from .keyrequests import KeyRequests
 from .links import RoomLinks
@@ -82,6 +83,7 @@ class Intake:
         pushes: Pushes,
         sealer: Sealer,
         requests: KeyRequests,
+        courier: Courier,
         bundles: Bundles,
         origins: Origins,
         log: logging.Logger,
@@ -95,6 +97,7 @@ class Intake:
         self.pushes = pushes
         self.sealer = sealer
         self.requests = requests
+        self.courier = courier
         self.bundles = bundles
         self.origins = origins
         self.log = log
@@ -217,13 +220,16 @@ class Intake:
                 self.tracker.give_back(room_id, sessions)
 
     async def _react(self, room_id: str, sessions: dict[str, float]) -> None:
+        """Seal, push to admitting rooms, and deliver what waited for these sessions' keys
+        (requests and pushes to members who joined before the bot held them; kept in the
+        database, so across a restart too)."""
         session_ids = set(sessions)
         if self.ready.is_set():
             self.sealer.mark(room_id)
             await self.pushes.on_new_state(room_id, session_ids)
         else:
             self._gained_at_start.setdefault(room_id, set()).update(session_ids)
-        await self.requests.session_arrived(room_id, sessions)
+        await self.courier.release(room_id, session_ids)
 
     # Sync ---------------------------------------------------------------------------------------
 

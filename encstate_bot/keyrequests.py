@@ -1,8 +1,8 @@
 """Incoming ``m.room_key_request``: parse the raw content, coalesce duplicates, rate-limit,
 honour cancellations, and hand what is left to the courier.
 
-Requests the bot could not serve because it did not hold the session yet are remembered for a
-while and answered again when the session arrives.
+Requests the bot could not serve because it did not hold the session yet wait in the database
+(``encstate_key_wait``, written by the courier) and are answered again when the key arrives.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from .ratelimit import RequestGate
 from .store import AuditRow, OutboxItem, Store
 from .triggers import Trigger
 
-WAIT_FOR_KEY_SECONDS = 600
-MAX_WAITING = 10_000
+MAX_DEVICES_REMEMBERED = 10_000
 DROP_AUDIT_SECONDS = 60
 
 
@@ -42,8 +41,6 @@ class KeyRequests:
         self.own_device = own_device
         self.log = log
         self.links = links
-        # (user, device, request_id) -> (room, session, time): kept to answer again on arrival
-        self.waiting: OrderedDict[tuple[str, str, str], tuple[str, str, float]] = OrderedDict()
         self.dropped: dict[str, int] = {}
         self._last_drop_audit: OrderedDict[tuple[str, str], float] = OrderedDict()
 
@@ -84,7 +81,6 @@ class KeyRequests:
                 )
                 drops += self._drop_row(parsed, refusal, now)
                 continue
-            self._remember(parsed, now)
             self.log.debug(
                 f"Key request {parsed.request_id} from {parsed.user_id}/{parsed.device_id} for "
                 f"{parsed.session_id} in {parsed.room_id}"
@@ -118,37 +114,12 @@ class KeyRequests:
 
     async def cancel(self, cancel: protocol.KeyCancellation) -> None:
         key = (cancel.user_id, cancel.device_id, cancel.request_id)
-        self.waiting.pop(key, None)
         removed = await self.store.cancel_request(*key)
+        await self.store.cancel_waits(*key)
         self.log.debug(
             f"Request {cancel.request_id} of {cancel.user_id}/{cancel.device_id} cancelled "
             f"({removed} queued answer(s) dropped)"
         )
-
-    def _remember(self, req: protocol.KeyRequest, now: float) -> None:
-        self.waiting[(req.user_id, req.device_id, req.request_id)] = (
-            req.room_id,
-            req.session_id,
-            now,
-        )
-        while len(self.waiting) > MAX_WAITING:
-            self.waiting.popitem(last=False)
-
-    async def session_arrived(self, room_id: str, sessions: dict[str, float]) -> None:
-        """Answer again the recent requests for sessions that just became decryptable: those
-        that came before the session did (``sessions``: when each became decryptable, as
-        ``time.monotonic()``); a later one was decided with the session held already."""
-        now = time.monotonic()
-        for key in [k for k, v in self.waiting.items() if now - v[2] > WAIT_FOR_KEY_SECONDS]:
-            del self.waiting[key]
-        items = [
-            self._item(user, device, request_id, room, session)
-            for (user, device, request_id), (room, session, asked) in self.waiting.items()
-            if room == room_id and session in sessions and asked <= sessions[session]
-        ]
-        if items:
-            self.log.info(f"Answering {len(items)} earlier request(s) for newly held sessions")
-            await self.courier.submit(items)
 
     def _count(self, why: str) -> None:
         self.dropped[why] = self.dropped.get(why, 0) + 1
@@ -160,7 +131,7 @@ class KeyRequests:
         last = self._last_drop_audit.pop(key, None)
         recent = last is not None and now - last < DROP_AUDIT_SECONDS
         self._last_drop_audit[key] = last if recent else now
-        while len(self._last_drop_audit) > MAX_WAITING:
+        while len(self._last_drop_audit) > MAX_DEVICES_REMEMBERED:
             self._last_drop_audit.popitem(last=False)
         if recent:
             return []

@@ -224,6 +224,16 @@ class RoomLedger:
             if key not in self._winners and event_id in self.events
         )
 
+    def pending_current_sessions(self) -> list[str]:
+        """Sessions of current values (the server's word) that the bot cannot read yet because
+        it lacks their key: what a newcomer is owed once the key arrives."""
+        order: list[str] = []
+        for key in self.unreadable_current():
+            record = self.events[self.server_current[key]]
+            if record.status == Status.PENDING and record.session_id not in order:
+                order.append(record.session_id)
+        return order
+
     def current_state(self) -> list[StateRecord]:
         """The room's current encrypted state, aesthetic types first."""
         from .protocol import aesthetic_rank

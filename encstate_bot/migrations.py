@@ -174,3 +174,22 @@ async def upgrade_v5(conn: Connection) -> None:
             PRIMARY KEY (room_id, session_id)
         )"""
     )
+
+
+@upgrade_table.register(description="Deliveries waiting for a key the bot does not hold yet")
+async def upgrade_v6(conn: Connection) -> None:
+    # One row per (device, session) that was asked for, or pushed to, while the bot lacked the
+    # session's key; taken (and queued again) when the key arrives, so it survives a restart.
+    await conn.execute(
+        """CREATE TABLE encstate_key_wait (
+            room_id    TEXT NOT NULL,
+            session_id TEXT NOT NULL,
+            user_id    TEXT NOT NULL,
+            device_id  TEXT NOT NULL,
+            trigger    TEXT NOT NULL,
+            request_id TEXT NOT NULL DEFAULT '',
+            via        TEXT,
+            since      BIGINT NOT NULL,
+            PRIMARY KEY (room_id, session_id, user_id, device_id, request_id)
+        )"""
+    )

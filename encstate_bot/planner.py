@@ -220,3 +220,37 @@ def bundle(batch: RoomBatch, user_id: str) -> list[tuple[str, Decision]]:
             )
         decisions.append((session_id, decision))
     return decisions
+
+
+# What waits for a key: asked for, or pushed to a joined member, while the bot cannot read the
+# state the session carries (it lacks the key). Sessions nobody's state names are never kept.
+WAIT_TRIGGERS = frozenset({Trigger.REQUEST, Trigger.JOIN, Trigger.INVITE, Trigger.LINK})
+
+
+def waiting_for_keys(batch: RoomBatch, planned: list[Planned]) -> list[OutboxItem]:
+    """The deliveries to try again when a session's key arrives: one per (device, session)
+    refused only because the bot does not hold the key yet."""
+    waits: list[OutboxItem] = []
+    for p in planned:
+        info = batch.sessions.get(p.session_id)
+        if (
+            p.item.trigger not in WAIT_TRIGGERS
+            or not isinstance(p.decision, Withhold)
+            or p.decision.code != protocol.UNAVAILABLE
+            or info is None
+            or info.facts is None
+            or info.facts.kind != SessionKind.PENDING
+        ):
+            continue
+        waits.append(
+            OutboxItem(
+                room_id=p.item.room_id,
+                user_id=p.item.user_id,
+                trigger=p.item.trigger,
+                device_id=p.device_id,
+                session_id=p.session_id,
+                request_id=p.item.request_id,
+                via=p.item.via,
+            )
+        )
+    return waits

@@ -81,7 +81,15 @@ class Pushes:
         # Invitees get the preview seals (or every seal, where invitees count as members).
         if membership not in ("join", "invite"):
             return []
-        if not self.config["push_on_join"] or not self.has_state(room_id):
+        if not self.config["push_on_join"]:
+            return []
+        ledger = self.tracker.ledgers.get(room_id)
+        # Current values the bot cannot read yet: the newcomer waits for their keys (the
+        # courier keeps the wait; the key's arrival delivers it). Only joined members get
+        # sessions the bot did not create.
+        pending = ledger.pending_current_sessions() if ledger and membership == "join" else []
+        has_state = self.has_state(room_id)
+        if not has_state and not pending:
             return []
         if not self.links.empowered(room_id):
             view = self.tracker.view(room_id)
@@ -93,7 +101,14 @@ class Pushes:
             ignored.append(AuditRow.user_ignored(room_id, user_id, reason, membership))
             self.log.info(f"Not pushing to {user_id} in {room_id}: bot not empowered")
             return []
-        return [OutboxItem(room_id=room_id, user_id=user_id, trigger=Trigger(membership))]
+        trigger = Trigger(membership)
+        items = (
+            [OutboxItem(room_id=room_id, user_id=user_id, trigger=trigger)] if has_state else []
+        )
+        return items + [
+            OutboxItem(room_id=room_id, user_id=user_id, trigger=trigger, session_id=session_id)
+            for session_id in pending
+        ]
 
     def _linked_pushes(self, via: str, user_id: str, membership: str) -> list[OutboxItem]:
         items = []

@@ -13,7 +13,7 @@ from . import sql
 from .ledger import MessageRecord, MessageStatus, StateRecord, Status
 from .policy import IDENTITY_CHANGED
 from .seals import Seal
-from .triggers import FAST
+from .triggers import FAST, Trigger
 
 
 def now_ms() -> int:
@@ -533,6 +533,86 @@ class Store:
             return await self.db.fetchval("SELECT COUNT(*) FROM encstate_outbox")
         return await self.db.fetchval(
             "SELECT COUNT(*) FROM encstate_outbox WHERE room_id=$1", room_id
+        )
+
+    # Deliveries waiting for a key ------------------------------------------------------------
+
+    async def add_waits(self, items: Iterable[OutboxItem]) -> None:
+        """Remember deliveries (one device, one session each) that waited for a key the bot did
+        not hold: asked for, or pushed to someone who joined before the key arrived."""
+        ts = now_ms()
+        args = [
+            (
+                i.room_id,
+                i.session_id,
+                i.user_id,
+                i.device_id or "",
+                str(i.trigger),
+                i.request_id or "",
+                i.via,
+                ts,
+            )
+            for i in items
+        ]
+        if args:
+            await self.db.executemany(
+                "INSERT INTO encstate_key_wait (room_id, session_id, user_id, device_id, trigger,"
+                " request_id, via, since) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+                "ON CONFLICT DO NOTHING",
+                args,
+            )
+
+    async def take_waits(self, room_id: str, session_ids: Iterable[str]) -> list[OutboxItem]:
+        """The deliveries that waited for these sessions' keys, removed (the caller queues
+        them)."""
+        items: list[OutboxItem] = []
+        for chunk in sql.chunks(sorted(set(session_ids))):
+            marks = sql.placeholders(len(chunk), offset=1)
+            async with self.db.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(
+                    "SELECT session_id, user_id, device_id, trigger, request_id, via "
+                    f"FROM encstate_key_wait WHERE room_id=$1 AND session_id IN ({marks})",
+                    room_id,
+                    *chunk,
+                )
+                await conn.execute(
+                    f"DELETE FROM encstate_key_wait WHERE room_id=$1 AND session_id IN ({marks})",
+                    room_id,
+                    *chunk,
+                )
+            items += [
+                OutboxItem(
+                    room_id=room_id,
+                    user_id=r["user_id"],
+                    trigger=r["trigger"],
+                    device_id=r["device_id"] or None,
+                    session_id=r["session_id"],
+                    request_id=r["request_id"] or None,
+                    via=r["via"],
+                )
+                for r in rows
+            ]
+        return items
+
+    async def drop_waits(self, before_ms: int, requests_before_ms: int) -> None:
+        """Forget waits older than ``before_ms``, and key requests' waits older than
+        ``requests_before_ms`` (their clients stopped waiting)."""
+        await self.db.execute(
+            "DELETE FROM encstate_key_wait WHERE since < $1 OR (since < $2 AND trigger=$3)",
+            before_ms,
+            requests_before_ms,
+            str(Trigger.REQUEST),
+        )
+
+    async def waits_count(self) -> int:
+        return int(await self.db.fetchval("SELECT COUNT(*) FROM encstate_key_wait") or 0)
+
+    async def cancel_waits(self, user_id: str, device_id: str, request_id: str) -> None:
+        await self.db.execute(
+            "DELETE FROM encstate_key_wait WHERE user_id=$1 AND device_id=$2 AND request_id=$3",
+            user_id,
+            device_id,
+            request_id,
         )
 
     async def cancel_request(self, user_id: str, device_id: str, request_id: str) -> int:

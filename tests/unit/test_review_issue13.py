@@ -114,15 +114,26 @@ class FakeSealer:
 
 
 class Queue:
-    """The courier as the key-request intake uses it: what was queued, in order."""
+    """The courier as the intake uses it: what was queued, in order. A request for a session in
+    ``pending`` (the bot cannot read its state yet) waits for the key, as the courier's
+    decision keeps it in the database; ``release`` queues it again."""
 
     def __init__(self) -> None:
         self.items: list[OutboxItem] = []
+        self.pending: set[str] = set()
+        self.waits: list[OutboxItem] = []
 
     async def submit(self, items: Any) -> int:
         items = list(items)
         self.items += items
+        self.waits += [i for i in items if i.session_id in self.pending]
         return len(items)
+
+    async def release(self, room_id: str, session_ids: set[str]) -> None:
+        self.pending -= session_ids
+        taken = [w for w in self.waits if w.room_id == room_id and w.session_id in session_ids]
+        self.waits = [w for w in self.waits if w not in taken]
+        await self.submit(taken)
 
     def answers(self, request_id: str) -> list[OutboxItem]:
         return [i for i in self.items if i.request_id == request_id]
@@ -163,6 +174,7 @@ class World:
             self.pushes,  # type: ignore[arg-type]
             self.sealer,  # type: ignore[arg-type]
             self.requests,
+            self.queue,  # type: ignore[arg-type]
             None,  # type: ignore[arg-type]
             Origins(),
             LOG,
@@ -237,6 +249,7 @@ async def test_finding_2_a_failing_reaction_loses_every_other_rooms_reactions() 
     never get the new preview seals. Before, each room's gain was acted on in its own tracker
     call, so one room's failure could not take another room's reactions with it."""
     world = World()
+    world.queue.pending.add("S2")
     # A member asked for OTHER's session S2 before the bot could read the state it encrypts.
     await world.requests.handle([(MEMBER, key_request("r2", OTHER, "S2")["content"])])
     assert len(world.queue.answers("r2")) == 1
