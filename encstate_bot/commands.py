@@ -12,7 +12,7 @@ from maubot.handlers import command
 from mautrix.errors import MatrixRequestError
 from mautrix.types import EventID, EventType, RoomID
 
-from . import room_policy
+from . import reports, room_policy
 from .audit import Outcome
 from .bundles import Bundles
 from .courier import Courier
@@ -23,6 +23,7 @@ from .links import RoomLinks
 from .members import Members
 from .policy import Ignore, Share, Withhold
 from .render import Reply, cell, short_id
+from .reports import Verdict
 from .room_keys import encrypt_once
 from .room_policy import Mode, RoomPolicies
 from .sealer import Sealer
@@ -33,11 +34,16 @@ from .triggers import Trigger
 
 DAY_MS = 24 * 3600 * 1000
 PROGRESS_EVERY = 50  # users per progress update for large shares
+WHY = 100  # characters of a "why" cell in the audit's tables of superseded values
 
 HELP = [
     ("help", "this list"),
     ("status", "is encstate doing its job here: encryption, power, ledger, policy, queue"),
-    ("audit", "exposure report: mixed sessions, readable superseded values, invalid state"),
+    (
+        "audit",
+        "exposure report: mixed sessions, superseded values (readable, sealed or withheld), "
+        "invalid state",
+    ),
     ("links", "restricted-room links into and out of this room, and whether the bot can act"),
     ("share @user [device] [--dry-run]", "push this room's state keys now, per device"),
     ("share --members [--dry-run]", "push to every current member (progress shown)"),
@@ -161,6 +167,15 @@ class Commands:
             "state, share and policy need the room's state_default power level; invite needs "
             "its invite level and seal now the power to send the state. In an encrypted room the "
             "bot obeys only encrypted commands from a device of the sender."
+        )
+        reply.line(
+            "Words: a mixed session encrypted both state and messages (never shared unless the "
+            "room shares mixed sessions as history); a superseded value is one a later value "
+            "replaced; the safe index is where the bot's export of a session starts. A current "
+            "value is sealed once the bot re-sent it in a session of its own; a superseded value "
+            "is sealed when no key the bot gives opens it (below the safe index, or in a session "
+            "the bot never shares), readable when it sits above the safe index of a session the "
+            "bot shares."
         )
         await self.reply(evt, reply)
 
@@ -304,41 +319,112 @@ class Commands:
         if ledger is None:
             await self.reply(evt, reply.line("The bot has seen no encrypted state here."))
             return
+        policy = self.policies.get(room)
+        view = self.tracker.view(room)
+        decisions = {}
+        for session_id in ledger.sessions():
+            facts = ledger.facts(session_id)
+            if reports.is_state(facts) and not self.seals.is_seal(room, session_id):
+                decisions[session_id] = reports.session_decision(
+                    facts,
+                    policy,
+                    view.history_visibility,
+                    (room, session_id) in self.tracker.shared_history,
+                )
+        audited = await self.store.audit(room, limit=reports.AUDIT_SCAN_ROWS)
+        values = reports.superseded_values(
+            ledger, self.seals, decisions, reports.lowest_given(audited)
+        )
+        by_verdict: dict[Verdict, list[reports.Superseded]] = {v: [] for v in Verdict}
+        for value in values:
+            by_verdict[value.verdict].append(value)
+        counts = ledger.counts()
+        reply.facts(
+            [
+                (
+                    "Sessions",
+                    f"{counts['state_only_sessions']} state-only, {counts['mixed_sessions']} "
+                    f"mixed; {reports.mixed_policy(policy)}",
+                ),
+                ("Superseded values", _superseded_summary(counts["superseded"], by_verdict)),
+            ]
+        )
+        if policy.mode == Mode.OFF or not view.empowered(self.client.mxid):
+            why = "the room's policy is off" if policy.mode == Mode.OFF else "it is not empowered"
+            reply.line(
+                f"The bot shares nothing here now ({why}); this report says what it shares "
+                "once it does."
+            )
         found = False
         mixed = []
-        exposed = []
+        mixed_current = False  # a mixed session still carries a current value: a seal helps
         gaps = []
         for session_id in sorted(ledger.sessions()):
             facts = ledger.facts(session_id)
             if facts.kind == SessionKind.MIXED:
+                mixed_current = mixed_current or bool(facts.current)
                 types = sorted({r.inner_type or "?" for r in facts.current + facts.superseded})
+                decision = decisions.get(session_id)
                 mixed.append(
                     (
                         short_id(session_id),
                         ", ".join(types),
                         f"{len(facts.message_indices)} message(s)",
-                    )
-                )
-            for rec in facts.exposed:
-                exposed.append(
-                    (
-                        short_id(session_id),
-                        rec.inner_type,
-                        rec.msg_index,
-                        facts.safe_index,
-                        short_id(rec.event_id, 12),
+                        reports.mixed_sharing(
+                            decision,
+                            policy,
+                            view.history_visibility,
+                            (room, session_id) in self.tracker.shared_history,
+                        )
+                        if decision is not None
+                        else "one of the bot's seals",
                     )
                 )
             if facts.gaps:
                 gaps.append((short_id(session_id), ", ".join(map(str, facts.gaps[:10]))))
         if mixed:
             found = True
-            reply.heading("Sessions that encrypt state and messages (refused)")
-            reply.table(["session", "state", "would expose"], mixed)
-        if exposed:
+            reply.heading("Sessions that encrypt state and messages (mixed)")
+            reply.table(["session", "state", "would expose", "shared"], mixed)
+        readable = by_verdict[Verdict.READABLE]
+        if readable:
             found = True
-            reply.heading("Superseded values still readable from the safe index")
-            reply.table(["session", "type", "index", "safe index", "event"], exposed)
+            reply.heading("Superseded values still readable from the safe index (exposed)")
+            reply.table(
+                ["session", "type", "index", "safe index", "event"],
+                [_value_row(v)[:5] for v in readable],
+            )
+        given = by_verdict[Verdict.GIVEN]
+        if given:
+            found = True
+            reply.heading("Superseded values the bot shares no more, open to keys it gave earlier")
+            reply.table(
+                ["session", "type", "index", "safe index", "event", "why"],
+                [_value_row(v) for v in given],
+                limit=WHY,
+            )
+        withheld = by_verdict[Verdict.WITHHELD]
+        if withheld:
+            reply.heading("Superseded values withheld with their session (readable if shared)")
+            reply.table(
+                ["session", "type", "index", "safe index", "event", "why"],
+                [_value_row(v) for v in withheld],
+                limit=WHY,
+            )
+        sealed = by_verdict[Verdict.SEALED]
+        if sealed:
+            reply.heading("Superseded values sealed (no key the bot gives opens them)")
+            reply.table(
+                ["session", "type", "index", "safe index", "event", "why"],
+                [_value_row(v) for v in sealed],
+                limit=WHY,
+            )
+            reach = reports.given_reach(self.config["audit_retention_days"], len(audited))
+            reply.line(
+                "Sealed: below the safe index every export of their session starts from, or in a "
+                "session the bot never shares; no key it gave earlier opens them either, as far "
+                f"as {reach} records."
+            )
         invalid = [r for r in ledger.events.values() if r.status == Status.INVALID]
         power = [r for r in invalid if r.reason and "power level" in r.reason]
         other = [r for r in invalid if r not in power]
@@ -374,8 +460,11 @@ class Commands:
             reply.heading("Sessions with indices the bot never saw (refused)")
             reply.table(["session", "unseen indices"], gaps)
         if not found:
-            reply.line("No exposure found: every state session is state-only and sealed.")
-        elif mixed or exposed:
+            reply.line(
+                "No exposure found: no mixed session, no readable superseded value, nothing "
+                "invalid."
+            )
+        elif mixed_current or readable:
             reply.line(
                 "!encstate seal now re-sends the current state in sessions of the bot's own."
             )
@@ -723,6 +812,35 @@ class Commands:
         "reseal": seal_now_alias,
         "invite": invite,
     }
+
+
+def _value_row(value: reports.Superseded) -> tuple[object, ...]:
+    rec = value.record
+    return (
+        short_id(rec.session_id),
+        rec.inner_type,
+        "?" if rec.msg_index is None else rec.msg_index,
+        "-" if value.safe_index is None else value.safe_index,
+        short_id(rec.event_id, 12),
+        value.why,
+    )
+
+
+def _superseded_summary(total: int, by_verdict: dict[Verdict, list]) -> str:
+    """The superseded values by verdict, adding up to status's count."""
+    parts = [
+        f"{len(by_verdict[Verdict.READABLE])} readable",
+        f"{len(by_verdict[Verdict.SEALED])} sealed",
+    ]
+    for verdict, words in (
+        (Verdict.WITHHELD, "withheld with their session"),
+        (Verdict.GIVEN, "open to keys given earlier"),
+        (Verdict.OWN_SEAL, "in the bot's own seals"),
+        (Verdict.REPLAY, "replays of a current value"),
+    ):
+        if by_verdict[verdict]:
+            parts.append(f"{len(by_verdict[verdict])} {words}")
+    return f"{total} (" + ", ".join(parts) + ")"
 
 
 def _retention(days: int) -> str:
