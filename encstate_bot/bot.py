@@ -28,6 +28,7 @@ try:  # all of this needs python-olm, which only maubot[encryption] installs
     from .courier import Courier
     from .gate import Gate
     from .gather import Gatherer
+    from .health import Counts, Health, LastError
     from .identity import Identity
     from .intake import Intake, Origins
     from .keyrequests import KeyRequests
@@ -88,6 +89,11 @@ class EncStateBot(Plugin):
         self._tasks: list[asyncio.Task] = []
         self._pruned_at = 0.0
         self.store = Store(self.database)
+        self.counts = Counts()
+        self.store.audit_observers.append(self.counts.audited)
+        self.last_error = LastError()
+        log.addHandler(self.last_error)
+        self.sending = False
         self.tracker = Tracker(self.store, client.crypto, log, client.mxid)
         self.seals = SealBook()
         self.policies = RoomPolicies(config, self.store, log)
@@ -202,6 +208,22 @@ class EncStateBot(Plugin):
             self.intake.install()
             self.courier.start()
             self.sealer.start()
+            self.sending = True
+        self.health = Health(
+            self.store,
+            self.tracker,
+            self.links,
+            self.transport,
+            self.encryption,
+            self.counts,
+            self.last_error,
+            self.identity.status,
+            self.ready.is_set,
+            lambda: self.intake.last_sync,
+            lambda: self.sending,
+        )
+        if self.webapp is not None:  # maubot.yaml's webapp: the health and metrics endpoints
+            self.register_handler_class(self.health)
         self.register_handler_class(
             Commands(
                 client,
@@ -226,6 +248,7 @@ class EncStateBot(Plugin):
         self._tasks.append(asyncio.create_task(self._startup(), name="encstate-startup"))
 
     async def stop(self) -> None:
+        self.log.removeHandler(self.last_error)
         self.client.remove_event_handler(InternalEventType.SYNC_SUCCESSFUL, self.intake.on_sync)
         await self.intake.stop()
         await stop_all(self._tasks)

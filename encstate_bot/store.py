@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from attr import dataclass
 from mautrix.util.async_db import Database
@@ -87,6 +87,12 @@ def _opt_bool(value: Any) -> bool | None:
 class Store:
     def __init__(self, db: Database) -> None:
         self.db = db
+        # Told every audit row once it is written (the metrics count them).
+        self.audit_observers: list[Callable[[list[AuditRow]], None]] = []
+
+    def _audited(self, rows: list[AuditRow]) -> None:
+        for observe in self.audit_observers:
+            observe(rows)
 
     # Rooms --------------------------------------------------------------------------------------
 
@@ -372,10 +378,12 @@ class Store:
         ]
 
     async def add_audit(self, rows: Iterable[AuditRow]) -> None:
+        rows = list(rows)
         args = self._audit_args(rows)
         if args:
             async with self.db.acquire() as conn, conn.transaction():
                 await conn.executemany(self._AUDIT_INSERT, args)
+            self._audited(rows)
 
     async def audit(
         self,
@@ -528,6 +536,21 @@ class Store:
             f"SELECT MIN(not_before) FROM encstate_outbox WHERE {self._lane(requests)}"
         )
 
+    async def queue_stats(self) -> dict[str, tuple[int, int | None]]:
+        """Per lane ("fast", "bulk"): how many items are queued, and the oldest one's enqueue
+        time (ms)."""
+        stats: dict[str, tuple[int, int | None]] = {}
+        for lane, requests in (("fast", True), ("bulk", False)):
+            row = await self.db.fetchrow(
+                "SELECT COUNT(*) AS n, MIN(enqueued) AS oldest FROM encstate_outbox "
+                f"WHERE {self._lane(requests)}"
+            )
+            stats[lane] = (int(row["n"] or 0), row["oldest"])
+        return stats
+
+    async def seal_count(self) -> int:
+        return int(await self.db.fetchval("SELECT COUNT(*) FROM encstate_seal") or 0)
+
     async def pending_count(self, room_id: str | None = None) -> int:
         if room_id is None:
             return await self.db.fetchval("SELECT COUNT(*) FROM encstate_outbox")
@@ -649,6 +672,7 @@ class Store:
         was delivered. The courier calls it after every sendToDevice call that carried keys,
         so a crash repeats at most the call that was in flight."""
         ts = now_ms()
+        audit = list(audit)
         audit_args = self._audit_args(audit)
         delivered_args = [(*d, ts) for d in delivered]
         done = [(i,) for i in done_ids]
@@ -664,6 +688,8 @@ class Store:
                     "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
                     delivered_args,
                 )
+        if audit:
+            self._audited(audit)
 
     # Links --------------------------------------------------------------------------------------
 

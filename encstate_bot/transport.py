@@ -62,6 +62,7 @@ class Transport:
         self.fast_idle = asyncio.Event()
         self.fast_idle.set()
         self.sent_calls = 0  # sendToDevice calls that carried Olm messages, for tests and status
+        self.failed_calls = 0  # and those that failed (the metrics)
 
     async def send_chunk(self, event_type: EventType, chunk: list[tuple[str, str, Any]]) -> None:
         body: dict[str, dict[str, Any]] = defaultdict(dict)
@@ -242,6 +243,7 @@ class _Delivery(Generic[T]):
             await self.transport.send_chunk(EventType.TO_DEVICE_ENCRYPTED, chunk)
         except (MatrixRequestError, MatrixConnectionError) as e:
             self.transport.log.warning(f"sendToDevice of {len(chunk)} message(s) failed: {e}")
+            self.transport.failed_calls += 1
             self.failed.extend(tokens)
             return 0
         self.transport.sent_calls += 1

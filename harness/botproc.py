@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def plugin_defaults() -> dict[str, Any]:
     with open(os.path.join(ROOT, "base-config.yaml")) as fh:
         return dict(YAML(typ="safe").load(fh))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -63,6 +70,11 @@ class BotProcess:
         self.log_level = log_level
         self.proc: subprocess.Popen | None = None
         self._log_offset = 0
+        self.port = free_port()  # the plugin's web app: health and metrics
+
+    @property
+    def web_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def config_path(self) -> str:
@@ -92,7 +104,7 @@ class BotProcess:
             },
             "server": {
                 "hostname": "127.0.0.1",
-                "port": 0,
+                "port": self.port,
                 "base_path": "/",
                 "public_url": "http://127.0.0.1",
             },
