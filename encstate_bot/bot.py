@@ -224,24 +224,24 @@ class EncStateBot(Plugin):
         )
         if self.webapp is not None:  # maubot.yaml's webapp: the health and metrics endpoints
             self.register_handler_class(self.health)
-        self.register_handler_class(
-            Commands(
-                client,
-                config,
-                self.store,
-                self.tracker,
-                self.courier,
-                self.sealer,
-                self.seals,
-                self.policies,
-                self.links,
-                members,
-                self.bundles,
-                self.identity,
-                self.gate,
-                log,
-            )
+        self.commands = Commands(
+            client,
+            config,
+            self.store,
+            self.tracker,
+            self.courier,
+            self.sealer,
+            self.seals,
+            self.policies,
+            self.links,
+            members,
+            self.bundles,
+            self.identity,
+            self.gate,
+            log,
+            self.problem,
         )
+        self.register_handler_class(self.commands)
         client.add_event_handler(
             InternalEventType.SYNC_SUCCESSFUL, self.intake.on_sync, wait_sync=True
         )
@@ -254,6 +254,17 @@ class EncStateBot(Plugin):
         await stop_all(self._tasks)
         await self.sealer.stop()
         await self.courier.stop()
+
+    def problem(self) -> str | None:
+        """What stops the bot from doing its job, for the log, health and every command reply."""
+        if problem := self.encryption.problem():
+            return problem
+        if not self.sending:
+            return (
+                f"encstate sends no keys: it needs mautrix {glue.MAUTRIX_RANGE} (see the log at "
+                "start); it only records what it sees"
+            )
+        return None
 
     def on_external_config_update(self) -> None:
         """The admin saved the instance's config in the manager. A bad edit is refused: the old

@@ -114,6 +114,7 @@ class Commands:
         identity: Identity,
         gate: Gate,
         log: logging.Logger,
+        problem: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.client = client
         self.config = config
@@ -129,6 +130,7 @@ class Commands:
         self.identity = identity
         self.gate = gate
         self.log = log
+        self.problem = problem  # what stops the bot from working, said atop every reply
 
     # Entry point --------------------------------------------------------------------------------
 
@@ -154,6 +156,8 @@ class Commands:
     async def reply(
         self, evt: MessageEvent, reply: Reply, edits: EventID | None = None
     ) -> EventID:
+        if problem := self.problem():
+            reply.warn_first(problem)
         return await evt.respond(reply.content(), edits=edits)
 
     # Read-only ----------------------------------------------------------------------------------

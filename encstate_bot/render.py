@@ -74,6 +74,12 @@ class Reply:
         self._html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>")
         return self
 
+    def warn_first(self, text: str) -> Reply:
+        """Put a warning above everything else (what stops the bot from working)."""
+        self._plain.insert(0, f"⚠️ {text}")
+        self._html.insert(0, f"<p><strong>⚠️ {escape(text)}</strong></p>")
+        return self
+
     @property
     def plain(self) -> str:
         return "\n\n".join(self._plain)

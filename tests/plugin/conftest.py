@@ -57,3 +57,15 @@ def maubot_plugin_config_dict():
 @pytest.fixture
 def maubot_plugin_config_overrides():
     return {}
+
+
+@pytest.fixture(autouse=True)
+def encryption_assumed(request):
+    """maubot.testing's client has no end-to-end encryption, so every reply would open with
+    the warning that says so: the command tests assume a bot that works, except those marked
+    ``no_encryption``."""
+    if "maubot_plugin" in request.fixturenames and not request.node.get_closest_marker(
+        "no_encryption"
+    ):
+        plugin = request.getfixturevalue("maubot_plugin")
+        plugin.commands.problem = lambda: None

@@ -262,3 +262,17 @@ async def test_seal_shows_turns_on_and_off_and_needs_an_admin(
     assert "mautrix-style clients only" in body and "Invited by anyone" in body
     body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate seal sideways")
     assert "seal takes on, off or now" in body
+
+
+@pytest.mark.no_encryption
+async def test_without_encryption_every_reply_says_so_first(
+    maubot_test_bot, maubot_plugin
+) -> None:
+    """The bot runs without E2EE (here: maubot.testing's client has no device ID): every
+    command's reply opens with what the admin must do."""
+    from encstate_bot import e2ee
+
+    for text in ("!encstate help", "!encstate status", "!encstate frobnicate"):
+        body, html = await run(maubot_test_bot, maubot_plugin, text)
+        assert body.startswith(f"⚠️ {e2ee.NO_DEVICE}"), body[:200]
+        assert html.startswith("<p><strong>⚠️ encstate has no end-to-end encryption")
