@@ -107,8 +107,12 @@ async def test_metrics() -> None:
     counts.audited(
         [
             AuditRow("!a", "@u:x", "D", "S", "share", reason="r", trigger="request", waited_ms=30),
-            AuditRow("!a", "@u:x", "D", "S", "share", reason="r", trigger="request", waited_ms=3000),
-            AuditRow("!a", "@v:x", "E", "S", "withhold", reason="r", trigger="request", waited_ms=40),
+            AuditRow(
+                "!a", "@u:x", "D", "S", "share", reason="r", trigger="request", waited_ms=3000
+            ),
+            AuditRow(
+                "!a", "@v:x", "E", "S", "withhold", reason="r", trigger="request", waited_ms=40
+            ),
             AuditRow("!a", "@w:x", "F", "S", "share", reason="r", trigger="join"),
         ]
     )
