@@ -221,6 +221,7 @@ class EncStateBot(Plugin):
             self.ready.is_set,
             lambda: self.intake.last_sync,
             lambda: self.sending,
+            lambda: self.config["web_token"],
         )
         if self.webapp is not None:  # maubot.yaml's webapp: the health and metrics endpoints
             self.register_handler_class(self.health)

@@ -36,6 +36,7 @@ KEYS = (
     "cross_signing.bootstrap",
     "send_bundles",
     "approve_knocks",
+    "web_token",
 )
 
 
@@ -171,6 +172,13 @@ class Config(BaseProxyConfig):
             "cross_signing.recovery_key",
             "null or the recovery key text",
             "(hidden)" if isinstance(recovery_key, str) else recovery_key,
+        )
+        web_token = self["web_token"]
+        _need(
+            web_token is None or (isinstance(web_token, str) and len(web_token.strip()) >= 16),
+            "web_token",
+            "null or a secret of at least 16 characters",
+            "(hidden)" if isinstance(web_token, str) else web_token,
         )
         audit_room = self["audit_room"]
         _need(

@@ -14,6 +14,7 @@ writes and the transport's calls), so counting needs nothing from prometheus_cli
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import hmac
 import json
 import logging
 import time
@@ -95,6 +96,7 @@ class Health:
         ready: Callable[[], bool],
         last_sync: Callable[[], float | None],
         sending: Callable[[], bool],
+        token: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.store = store
         self.tracker = tracker
@@ -107,6 +109,7 @@ class Health:
         self.ready = ready
         self.last_sync = last_sync
         self.sending = sending
+        self.token = token
         self.started = time.time()
 
     # What the endpoints report ------------------------------------------------------------------
@@ -254,8 +257,20 @@ class Health:
 
     # Web handlers -------------------------------------------------------------------------------
 
+    def refused(self, request: web.Request) -> web.Response | None:
+        """With ``web_token`` set, the endpoints want ``Authorization: Bearer <token>``."""
+        token = self.token()
+        if not token:
+            return None
+        given = request.headers.get("Authorization", "")
+        if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return None
+        return web.Response(status=401, text="encstate: a bearer token is required\n")
+
     @routes.get("/health")
-    async def health(self, _request: web.Request) -> web.Response:
+    async def health(self, request: web.Request) -> web.Response:
+        if refused := self.refused(request):
+            return refused
         healthy, body = await self.report()
         return web.Response(
             status=200 if healthy else 503,
@@ -264,7 +279,9 @@ class Health:
         )
 
     @routes.get("/metrics")
-    async def metrics(self, _request: web.Request) -> web.Response:
+    async def metrics(self, request: web.Request) -> web.Response:
+        if refused := self.refused(request):
+            return refused
         text = await self.exposition()
         if text is None:
             return web.Response(status=501, text=PROMETHEUS_MISSING)

@@ -134,3 +134,19 @@ async def test_metrics() -> None:
     assert got[("encstate_rooms", (("empowered", "false"),))] == 1  # !b
     assert got[("encstate_waiting_for_keys", ())] == 2
     assert got[("encstate_seals", ())] == 3
+
+
+async def test_with_a_web_token_the_endpoints_want_it() -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    checked = health()
+    checked.token = lambda: "s3cret-s3cret-s3cret"
+    for handler in (checked.health, checked.metrics):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            resp = await handler(make_mocked_request("GET", "/health", headers=headers))
+            assert resp.status == 401
+        good = {"Authorization": "Bearer s3cret-s3cret-s3cret"}
+        resp = await handler(make_mocked_request("GET", "/health", headers=good))
+        assert resp.status == 200
+    checked.token = lambda: None
+    assert (await checked.health(make_mocked_request("GET", "/health"))).status == 200
