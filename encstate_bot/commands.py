@@ -337,7 +337,12 @@ class Commands:
                 )
         audited = await self.store.audit(room, limit=reports.AUDIT_SCAN_ROWS)
         values = reports.superseded_values(
-            ledger, self.seals, decisions, reports.lowest_given(audited)
+            ledger,
+            self.seals,
+            decisions,
+            reports.lowest_of(
+                reports.lowest_given(audited), await self.store.lowest_delivered(room)
+            ),
         )
         by_verdict: dict[Verdict, list[reports.Superseded]] = {v: [] for v in Verdict}
         for value in values:
@@ -423,11 +428,10 @@ class Commands:
                 [_value_row(v) for v in sealed],
                 limit=WHY,
             )
-            reach = reports.given_reach(self.config["audit_retention_days"], len(audited))
             reply.line(
                 "Sealed: below the safe index every export of their session starts from, or in a "
-                "session the bot never shares; no key it gave earlier opens them either, as far "
-                f"as {reach} records."
+                "session the bot never shares; no key it gave earlier opens them either (by its "
+                "record of every key it delivered, which is never pruned)."
             )
         invalid = [r for r in ledger.events.values() if r.status == Status.INVALID]
         power = [r for r in invalid if r.reason and "power level" in r.reason]

@@ -7,7 +7,7 @@ index. *Superseded*: a valid value a later value of the same key replaced. Each 
 gets one verdict:
 
 - *readable*: above the safe index of a session the bot shares (from that index): exposed;
-- *sealed*: no key the bot gave (as far as its audit record shows) or would give opens it,
+- *sealed*: no key the bot gave (by its delivery records and audit) or would give opens it,
   because it sits below the safe index every export of its session starts from, or its session
   holds no current value, so the bot never shares it (its current value is served elsewhere,
   typically by a seal);
@@ -193,13 +193,13 @@ def _judge(
     return Verdict.WITHHELD, refusal
 
 
-def given_reach(retention_days: int, rows: int) -> str:
-    """How far back the audit record of keys given reaches, in words."""
-    if rows >= AUDIT_SCAN_ROWS:
-        return f"its newest {AUDIT_SCAN_ROWS} audit rows"
-    if retention_days:
-        return f"its audit (kept {retention_days} day(s))"
-    return "its audit (kept forever)"
+def lowest_of(*given: dict[str, int]) -> dict[str, int]:
+    """Per session, the lowest index over several records of keys given."""
+    lowest: dict[str, int] = {}
+    for record in given:
+        for session_id, index in record.items():
+            lowest[session_id] = min(index, lowest.get(session_id, index))
+    return lowest
 
 
 def is_state(facts: SessionFacts) -> bool:

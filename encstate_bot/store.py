@@ -536,6 +536,16 @@ class Store:
             f"SELECT MIN(not_before) FROM encstate_outbox WHERE {self._lane(requests)}"
         )
 
+    async def lowest_delivered(self, room_id: str) -> dict[str, int]:
+        """Per session of a room, the lowest index any key the bot delivered starts from (the
+        delivery records are never pruned)."""
+        rows = await self.db.fetch(
+            "SELECT session_id, MIN(msg_index) AS low FROM encstate_delivered WHERE room_id=$1 "
+            "GROUP BY session_id",
+            room_id,
+        )
+        return {r["session_id"]: int(r["low"]) for r in rows}
+
     async def queue_stats(self) -> dict[str, tuple[int, int | None]]:
         """Per lane ("fast", "bulk"): how many items are queued, and the oldest one's enqueue
         time (ms)."""

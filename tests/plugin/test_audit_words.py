@@ -109,7 +109,7 @@ async def test_each_superseded_value_is_named_as_help_names_it(
     assert "below the safe index 1" in parts[SEALED]
     assert "holds no current value" in parts[SEALED]
     assert "the current value is sealed" in parts[SEALED]
-    assert "as far as its audit (kept 90 day(s)) records" in body
+    assert "record of every key it delivered, which is never pruned" in body
     # below the safe index, but a key given from index 0 opens it: not sealed
     only_under(parts, GIVEN, "$v1-c")
     assert "a key the bot gave from index 0 opens it" in parts[GIVEN]
@@ -199,3 +199,15 @@ async def test_where_nothing_is_shared_the_audit_says_so(maubot_test_bot, maubot
     await run(maubot_test_bot, maubot_plugin, "!encstate policy off")
     body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate audit")
     assert "The bot shares nothing here now (the room's policy is off)" in body
+
+
+async def test_a_delivery_whose_audit_row_was_pruned_still_opens_the_value(
+    maubot_test_bot, maubot_plugin
+) -> None:
+    """The audit is pruned after audit_retention_days; the delivery records are not: a key
+    given from below a value, whose audit row is gone, still keeps the value from being called
+    sealed."""
+    await troubled(maubot_plugin)
+    await maubot_plugin.store.finish([], [], [(MEMBER, "DEV", "LOW", 0, ROOM)])
+    body, _ = await run(maubot_test_bot, maubot_plugin, "!encstate audit")
+    only_under(sections(body), GIVEN, "$old-a")

@@ -188,12 +188,8 @@ def test_mixed_sharing_says_what_the_policy_does() -> None:
     assert reports.mixed_policy(AS_HISTORY).startswith("mixed sessions shared as history")
 
 
-def test_given_reach() -> None:
-    assert reports.given_reach(90, 10) == "its audit (kept 90 day(s))"
-    assert reports.given_reach(0, 10) == "its audit (kept forever)"
-    assert reports.given_reach(0, reports.AUDIT_SCAN_ROWS) == (
-        f"its newest {reports.AUDIT_SCAN_ROWS} audit rows"
-    )
+def test_lowest_of_takes_the_lowest_index_per_session() -> None:
+    assert reports.lowest_of({"A": 3, "B": 1}, {"A": 0, "C": 5}, {}) == {"A": 0, "B": 1, "C": 5}
 
 
 MEMBER = Requester(user_id="@x:x", device_id="D", membership="join")
