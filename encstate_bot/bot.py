@@ -15,7 +15,7 @@ from mautrix.client import InternalEventType
 from mautrix.util.async_db import UpgradeTable
 from mautrix.util.config import BaseProxyConfig
 
-from .config import Config
+from .config import Config, refusal
 from .e2ee import INSTALL_ENCRYPTION, Encryption, olm_missing
 from .migrations import upgrade_table
 
@@ -91,8 +91,6 @@ class EncStateBot(Plugin):
         self.store = Store(self.database)
         self.counts = Counts()
         self.store.audit_observers.append(self.counts.audited)
-        self.last_error = LastError()
-        log.addHandler(self.last_error)
         self.sending = False
         self.tracker = Tracker(self.store, client.crypto, log, client.mxid)
         self.seals = SealBook()
@@ -104,6 +102,8 @@ class EncStateBot(Plugin):
         except (OSError, ConnectionError) as e:
             log.critical(f"encstate cannot read its database: {type(e).__name__}: {e}")
             raise
+        self.last_error = LastError()
+        log.addHandler(self.last_error)  # removed in stop()
         self.identity = Identity(client, log)
         self.links = RoomLinks(self.tracker, client.mxid, log)
         members = Members(client)
@@ -274,7 +274,7 @@ class EncStateBot(Plugin):
         try:
             proposed = self.config.proposed()
         except Exception as e:
-            self.log.error(f"encstate kept its previous config: {e}")
+            self.log.error(f"encstate kept its previous config: {refusal(e)}")
             self.config.save()
             return
         changed = self.config.changed_keys(proposed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable
 
@@ -42,6 +43,21 @@ KEYS = (
 
 class ConfigError(ValueError):
     pass
+
+
+def refusal(error: Exception) -> str:
+    """Why an edited config was refused, in words safe to log: a YAML parser's message quotes
+    the broken line (a recovery key, a token), so only its position and problem are told."""
+    if isinstance(error, ConfigError):
+        return str(error)
+    mark = getattr(error, "problem_mark", None)
+    if mark is not None:
+        problem = getattr(error, "problem", None) or "a syntax error"
+        return (
+            f"the edited config is not valid YAML: {problem} at line {mark.line + 1}, "
+            f"column {mark.column + 1}"
+        )
+    return f"the edited config does not have the expected shape ({type(error).__name__})"
 
 
 def _need(ok: bool, key: str, what: str, value: Any) -> None:
@@ -140,9 +156,9 @@ class Config(BaseProxyConfig):
         ):
             value = self[key]
             _need(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 10**9,
                 key,
-                "a whole number >= 0",
+                "a whole number from 0 to 1000000000",
                 value,
             )
         for key in (
@@ -153,7 +169,10 @@ class Config(BaseProxyConfig):
         ):
             value = self[key]
             _need(
-                isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and value >= 0,
                 key,
                 "a number >= 0",
                 value,

@@ -27,6 +27,7 @@ from .gather import Devices, Gatherer, RoomContext
 from .ledger import SessionKind
 from .planner import approve, plan, waiting_for_keys
 from .policy import Share, Withhold
+from .ratelimit import RecentSet
 from .room_keys import forwarded_content
 from .room_policy import RoomPolicy
 from .seals import SealBook
@@ -49,6 +50,7 @@ PUSH_COALESCE_SECONDS = 0.5
 STORM_COALESCE_SECONDS = 2.0
 STORM_GAP_SECONDS = 5.0
 COALESCE_BELOW = 50
+CANCELLATIONS_KEPT_SECONDS = 600  # far longer than a batch takes to decide
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,9 @@ class Courier:
         self.log = log
         self._wake = {FAST_LANE: asyncio.Event(), PUSH_LANE: asyncio.Event()}
         self._tasks: list[asyncio.Task] = []
+        # (user, device, request id) of recent cancellations: a batch deciding the request
+        # when it was cancelled must not leave a wait behind
+        self.cancelled = RecentSet(CANCELLATIONS_KEPT_SECONDS)
 
     @property
     def sent_calls(self) -> int:
@@ -284,11 +289,29 @@ class Courier:
             )
         return outcomes
 
+    async def cancel(self, user_id: str, device_id: str, request_id: str) -> int:
+        """A key request was cancelled: drop its queued answer and its wait for a key, also
+        one a batch deciding it right now would write. Returns the queued answers dropped."""
+        key = (user_id, device_id, request_id)
+        self.cancelled.seen(key, time.monotonic())
+        removed = await self.store.cancel_request(*key)
+        await self.store.cancel_waits(*key)
+        return removed
+
+    def _was_cancelled(self, item: OutboxItem) -> bool:
+        return item.request_id is not None and self.cancelled.holds(
+            (item.user_id, item.device_id, item.request_id), time.monotonic()
+        )
+
     async def _wait_for_keys(self, room_id: str, waits: list[OutboxItem]) -> None:
         """Keep deliveries refused for a missing key in the database; the intake queues them
         again when the key arrives (``release``). A key that arrived while this batch was
         deciding found no rows to release: release those now."""
+        waits = [w for w in waits if not self._was_cancelled(w)]
         await self.store.add_waits(waits)
+        for w in waits:  # cancelled while the rows were written
+            if self._was_cancelled(w):
+                await self.store.cancel_waits(w.user_id, w.device_id or "", w.request_id or "")
         ledger = self.tracker.ledgers.get(room_id)
         arrived = {
             w.session_id

@@ -36,6 +36,7 @@ SYNC_STALE_SECONDS = 120
 FAST_LANE_STUCK_SECONDS = 120
 # Answer time buckets (seconds), request received to answer recorded.
 ANSWER_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+WITHOUT_TOKEN = "(set web_token to see the message here; it is in the log)"
 PROMETHEUS_MISSING = (
     "encstate's metrics need prometheus_client, which this maubot lacks: "
     "pip install 'prometheus-client>=0.17,<1' into maubot's environment and restart maubot\n"
@@ -114,7 +115,9 @@ class Health:
 
     # What the endpoints report ------------------------------------------------------------------
 
-    async def report(self) -> tuple[bool, dict[str, Any]]:
+    async def report(self, private: bool = False) -> tuple[bool, dict[str, Any]]:
+        """The verdict and the JSON. ``private``: the caller showed the web token, so the last
+        error's text (it may name rooms and users) is included."""
         now = time.time()
         problems: list[str] = []
         if problem := self.encryption.problem():
@@ -143,7 +146,7 @@ class Health:
         error = None
         if self.last_error.message is not None and self.last_error.at is not None:
             error = {
-                "message": self.last_error.message,
+                "message": self.last_error.message if private else WITHOUT_TOKEN,
                 "seconds_ago": round(now - self.last_error.at, 1),
             }
         body = {
@@ -271,7 +274,7 @@ class Health:
     async def health(self, request: web.Request) -> web.Response:
         if refused := self.refused(request):
             return refused
-        healthy, body = await self.report()
+        healthy, body = await self.report(private=bool(self.token()))
         return web.Response(
             status=200 if healthy else 503,
             text=json.dumps(body, indent=2) + "\n",

@@ -127,7 +127,9 @@ class Intake:
         )
 
     async def stop(self) -> None:
-        if self.client.crypto is not None and self._restore_receivers is not None:
+        # (also when maubot took the crypto machine away from this client: the log filter and
+        # middlewares are on this client either way)
+        if self._restore_receivers is not None:
             self.client.remove_event_middleware(
                 EventType.ROOM_KEY_REQUEST, self._own_requests_only
             )

@@ -113,9 +113,7 @@ class KeyRequests:
         )
 
     async def cancel(self, cancel: protocol.KeyCancellation) -> None:
-        key = (cancel.user_id, cancel.device_id, cancel.request_id)
-        removed = await self.store.cancel_request(*key)
-        await self.store.cancel_waits(*key)
+        removed = await self.courier.cancel(cancel.user_id, cancel.device_id, cancel.request_id)
         self.log.debug(
             f"Request {cancel.request_id} of {cancel.user_id}/{cancel.device_id} cancelled "
             f"({removed} queued answer(s) dropped)"

@@ -178,8 +178,9 @@ async def upgrade_v5(conn: Connection) -> None:
 
 @upgrade_table.register(description="Deliveries waiting for a key the bot does not hold yet")
 async def upgrade_v6(conn: Connection) -> None:
-    # One row per (device, session) that was asked for, or pushed to, while the bot lacked the
-    # session's key; taken (and queued again) when the key arrives, so it survives a restart.
+    # One row per (device, session, trigger) that was asked for, or pushed to, while the bot
+    # lacked the session's key (a device asking again adds nothing: the first request id is
+    # kept); taken (and queued again) when the key arrives, so it survives a restart.
     await conn.execute(
         """CREATE TABLE encstate_key_wait (
             room_id    TEXT NOT NULL,
@@ -190,6 +191,6 @@ async def upgrade_v6(conn: Connection) -> None:
             request_id TEXT NOT NULL DEFAULT '',
             via        TEXT,
             since      BIGINT NOT NULL,
-            PRIMARY KEY (room_id, session_id, user_id, device_id, request_id)
+            PRIMARY KEY (room_id, session_id, user_id, device_id, trigger)
         )"""
     )

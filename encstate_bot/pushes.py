@@ -29,6 +29,10 @@ from .store import AuditRow, OutboxItem, Store
 from .tracker import Tracker
 from .triggers import Trigger
 
+# A newcomer waits for at most this many sessions the bot cannot read yet (someone able to send
+# state could otherwise make every join cost a row per undecryptable value, for 30 days).
+MAX_PENDING_PER_JOIN = 20
+
 
 class Pushes:
     def __init__(
@@ -88,6 +92,7 @@ class Pushes:
         # courier keeps the wait; the key's arrival delivers it). Only joined members get
         # sessions the bot did not create.
         pending = ledger.pending_current_sessions() if ledger and membership == "join" else []
+        pending = pending[:MAX_PENDING_PER_JOIN]
         has_state = self.has_state(room_id)
         if not has_state and not pending:
             return []

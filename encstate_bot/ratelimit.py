@@ -53,6 +53,11 @@ class RecentSet:
             self._seen.popitem(last=False)
         return False
 
+    def holds(self, key: object, now: float) -> bool:
+        """Whether ``key`` was seen within the window, remembering nothing new."""
+        self._expire(now)
+        return key in self._seen
+
     def _expire(self, now: float) -> None:
         while self._seen:
             key, ts = next(iter(self._seen.items()))

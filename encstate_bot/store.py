@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from typing import Any, Callable, Iterable
 
 from attr import dataclass
-from mautrix.util.async_db import Database
+from mautrix.util.async_db import Database, Scheme
 
 from . import sql
 from .ledger import MessageRecord, MessageStatus, StateRecord, Status
@@ -599,20 +600,22 @@ class Store:
         """The deliveries that waited for these sessions' keys, removed (the caller queues
         them)."""
         items: list[OutboxItem] = []
+        columns = "session_id, user_id, device_id, trigger, request_id, via"
         for chunk in sql.chunks(sorted(set(session_ids))):
             marks = sql.placeholders(len(chunk), offset=1)
-            async with self.db.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(
-                    "SELECT session_id, user_id, device_id, trigger, request_id, via "
-                    f"FROM encstate_key_wait WHERE room_id=$1 AND session_id IN ({marks})",
-                    room_id,
-                    *chunk,
+            where = f"WHERE room_id=$1 AND session_id IN ({marks})"
+            if self.db.scheme != Scheme.SQLITE or sqlite3.sqlite_version_info >= (3, 35):
+                # one statement: a wait another connection commits meanwhile is either taken
+                # and returned, or left for the next take
+                rows = await self.db.fetch(
+                    f"DELETE FROM encstate_key_wait {where} RETURNING {columns}", room_id, *chunk
                 )
-                await conn.execute(
-                    f"DELETE FROM encstate_key_wait WHERE room_id=$1 AND session_id IN ({marks})",
-                    room_id,
-                    *chunk,
-                )
+            else:  # an SQLite before RETURNING: a write the read missed fails the transaction
+                async with self.db.acquire() as conn, conn.transaction():
+                    rows = await conn.fetch(
+                        f"SELECT {columns} FROM encstate_key_wait {where}", room_id, *chunk
+                    )
+                    await conn.execute(f"DELETE FROM encstate_key_wait {where}", room_id, *chunk)
             items += [
                 OutboxItem(
                     room_id=room_id,

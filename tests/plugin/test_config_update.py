@@ -165,3 +165,19 @@ async def test_an_edit_that_changes_nothing_says_nothing(managed, caplog) -> Non
     with caplog.at_level(logging.INFO):
         instance.edit(plugin, push_on_join=True)  # the default already
     assert not [m for m in messages(caplog) if "config" in m]
+
+
+async def test_an_edit_of_the_wrong_shape_or_an_infinite_number_is_refused(
+    managed, caplog
+) -> None:
+    instance, plugin = managed
+    with caplog.at_level(logging.INFO):
+        instance.edit(plugin, rate_limits=5)
+        instance.edit(plugin, duplicate_window_seconds=float("inf"))
+    refused = [m for m in messages(caplog) if "kept its previous config" in m]
+    assert refused[0].startswith(
+        "encstate kept its previous config: the edited config does not have the expected shape"
+    )
+    assert "config key 'duplicate_window_seconds' must be a number >= 0" in refused[1]
+    assert plugin.config["duplicate_window_seconds"] == 5
+    assert yaml.load(instance.config_str)["rate_limits"]["per_device"]["burst"] == 200

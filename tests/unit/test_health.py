@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from encstate_bot.health import Counts, Health, LastError
+from encstate_bot.health import WITHOUT_TOKEN, Counts, Health, LastError
 from encstate_bot.store import AuditRow
 
 
@@ -98,6 +98,9 @@ async def test_a_bulk_backlog_or_an_old_error_alone_is_not_unhealthy() -> None:
     store.stats["bulk"] = (5000, time.time() * 1000 - 600_000)
     ok, body = await health(store=store, error=error).report()
     assert ok
+    # the text may name rooms and users: only behind the web token
+    assert body["last_error"]["message"] == WITHOUT_TOKEN
+    _, body = await health(store=store, error=error).report(private=True)
     assert body["last_error"]["message"] == "Reacting to new state in !a failed; retrying later"
     assert body["queue"]["bulk"]["depth"] == 5000
 
