@@ -293,3 +293,29 @@ async def test_two_encstate_instances_do_not_reseal_each_other(world) -> None:
     assert len(names) <= 3, [e["sender"] for e in names]  # the admin's, at most one per bot
     for bot in (first, second):
         assert bot.tail(100_000).count("Sealed m.room.name") <= 1
+
+
+async def test_element_newcomers_who_joined_before_the_bot_held_the_key_read_it_once_it_came(
+    world, js
+) -> None:
+    """Members who joined while the bot could not read the room's state (its key never sent to
+    the bot) read it in Element's engine once someone hands the bot the key: the bot seals the
+    value then, and the seal goes to every member."""
+    bot = await world.bot(config={**SEALING, "self_supply": {"enabled": False}})
+    admin = await world.user("admin")
+    room = await admin.create_room(power={bot.user_id: 50}, join_rule={"join_rule": "public"})
+    name = await admin.send_state(room, "m.room.name", "", {"name": "Nightingale"})
+    await admin.invite(room, bot.user_id)
+    await world.wait_joined(admin, room, bot.user_id)
+    await world.wait_valid(bot, name.event_id, status="pending")
+    peers = await fresh(js, "early")
+    for peer in peers:
+        await peer.call("join", room=room)
+    for peer in peers:
+        await world.wait_joined(admin, room, peer.user_id)
+
+    await admin.forward_key_to(room, name.session_id, bot.user_id, bot.device_id)
+    await sealed(bot, room)
+    results = [await read_name(peer, room) for peer in peers]
+    print("joined before the key:", results)
+    assert "no" not in results, results
