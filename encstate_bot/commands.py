@@ -403,31 +403,31 @@ class Commands:
                 ["session", "type", "index", "safe index", "event"],
                 [_value_row(v)[:5] for v in readable],
             )
-        given = by_verdict[Verdict.GIVEN]
-        if given:
-            found = True
-            reply.heading("Superseded values the bot shares no more, open to keys it gave earlier")
+        # the exposures set ``found``; the values withheld or sealed show the safety working
+        for verdict, heading, exposure in (
+            (
+                Verdict.GIVEN,
+                "Superseded values the bot shares no more, open to keys it gave earlier",
+                True,
+            ),
+            (
+                Verdict.WITHHELD,
+                "Superseded values withheld with their session (readable if shared)",
+                False,
+            ),
+            (Verdict.SEALED, "Superseded values sealed (no key the bot gives opens them)", False),
+        ):
+            values = by_verdict[verdict]
+            if not values:
+                continue
+            found = found or exposure
+            reply.heading(heading)
             reply.table(
                 ["session", "type", "index", "safe index", "event", "why"],
-                [_value_row(v) for v in given],
+                [_value_row(v) for v in values],
                 limit=WHY,
             )
-        withheld = by_verdict[Verdict.WITHHELD]
-        if withheld:
-            reply.heading("Superseded values withheld with their session (readable if shared)")
-            reply.table(
-                ["session", "type", "index", "safe index", "event", "why"],
-                [_value_row(v) for v in withheld],
-                limit=WHY,
-            )
-        sealed = by_verdict[Verdict.SEALED]
-        if sealed:
-            reply.heading("Superseded values sealed (no key the bot gives opens them)")
-            reply.table(
-                ["session", "type", "index", "safe index", "event", "why"],
-                [_value_row(v) for v in sealed],
-                limit=WHY,
-            )
+        if by_verdict[Verdict.SEALED]:
             reply.line(
                 "Sealed: below the safe index every export of their session starts from, or in a "
                 "session the bot never shares; no key it gave earlier opens them either (by its "

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import uuid
 
 from ruamel.yaml import YAML
 
-from .synapse import Synapse
+from .synapse import Synapse, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,10 +27,17 @@ def plugin_defaults() -> dict[str, Any]:
         return dict(YAML(typ="safe").load(fh))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def stop_group(proc: subprocess.Popen | None, kill: bool, timeout: float) -> None:
+    """Stop a child started in its own session: SIGINT (clean) or SIGKILL (abrupt), SIGKILL
+    after ``timeout`` seconds if SIGINT was not enough."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGKILL if kill else signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -158,15 +164,7 @@ class BotProcess:
 
     def stop(self, kill: bool = False) -> None:
         """Stop the bot: SIGINT (clean) or SIGKILL (abrupt)."""
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = None
-            return
-        os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGINT)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_group(self.proc, kill, timeout=20)
         self.proc = None
 
     @property

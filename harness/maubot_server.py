@@ -17,7 +17,6 @@ import io
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import uuid
 from aiohttp import ClientSession
 from ruamel.yaml import YAML
 
-from .botproc import ROOT, merge, plugin_defaults
+from .botproc import ROOT, merge, plugin_defaults, stop_group
 from .synapse import SHARED_SECRET, Synapse, free_port
 
 PLUGIN_ID = "org.encstate.bot"
@@ -216,15 +215,7 @@ class MaubotServer:
 
     def stop(self, kill: bool = False) -> None:
         """Stop the server: SIGINT (maubot stops its clients and instances) or SIGKILL."""
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = None
-            return
-        os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGINT)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_group(self.proc, kill, timeout=30)
         self.proc = None
 
     async def restart(self, kill: bool = False) -> None:
