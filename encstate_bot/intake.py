@@ -275,11 +275,12 @@ class Intake:
             self._sync_seen = True
             skipped = "maubot skipped it" if first_ignored else "it was not the first"
             self.log.info(f"Sync running: processed the first sync encstate saw ({skipped})")
-            if not first_ignored:
+            if not first_ignored and self.client.ignore_first_sync:
                 self.log.info(
-                    "maubot starts plugins after its client's first sync: if maubot itself just "
-                    "started, room keys sent to the bot while it was down came in that sync and "
-                    "are lost; encstate asks for the sessions it cannot read (self_supply)"
+                    "maubot started the plugin after its client's first sync, which it skips: "
+                    "if the bot just started, room keys sent to it while it was down came in "
+                    "that sync and are lost (standalone: set ignore_first_sync: false); encstate "
+                    "asks for the sessions it cannot read (self_supply)"
                 )
 
     async def _decrypt_skipped_to_device(self, raw: dict[str, Any]) -> None:

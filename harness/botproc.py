@@ -64,8 +64,12 @@ class BotProcess:
         workdir: str | None = None,
         log_level: str = "DEBUG",
         homeserver: str | None = None,
+        ignore_first_sync: bool = True,
     ) -> None:
+        """``ignore_first_sync``: maubot's default skips the first sync after a start; false
+        lets the client's Olm machine take the room keys in it (README, standalone)."""
         self.synapse = synapse
+        self.ignore_first_sync = ignore_first_sync
         self.homeserver = homeserver or synapse.url
         self.user_id = user_id
         self.access_token = access_token
@@ -106,7 +110,7 @@ class BotProcess:
                 "displayname": "disable",
                 "avatar_url": "disable",
                 "ignore_initial_sync": True,
-                "ignore_first_sync": True,
+                "ignore_first_sync": self.ignore_first_sync,
             },
             "server": {
                 "hostname": "127.0.0.1",

@@ -113,6 +113,7 @@ class World:
         config: dict[str, Any] | None = None,
         homeserver: str | None = None,
         sealing: bool = False,
+        ignore_first_sync: bool = True,
     ) -> BotProcess:
         """A running encstate bot. Sealing is off unless asked for: most suites test the rules
         for forwarding other people's sessions (what the bot does where it cannot seal), and a
@@ -136,6 +137,7 @@ class World:
             plugin_config=config,
             workdir=workdir,
             homeserver=homeserver,
+            ignore_first_sync=ignore_first_sync,
         )
         bot.start()
         self.bots.append(bot)
