@@ -69,11 +69,15 @@ class Pushes:
     async def on_members(self, room_id: str, events: list[dict[str, Any]]) -> None:
         items: list[OutboxItem] = []
         ignored: list[AuditRow] = []
+        actionable: set[Link] | None = None  # read once per call: it walks every link
         for user_id, membership in membership_changes(events):
             if user_id == self.own_user:
                 continue
             items += self._own_room_push(room_id, user_id, membership, ignored)
-            items += self._linked_pushes(room_id, user_id, membership)
+            if self.links.graph.allowing(room_id):
+                if actionable is None:
+                    actionable = self.links.actionable()
+                items += self._linked_pushes(room_id, user_id, membership, actionable)
         if ignored:
             await self.store.add_audit(ignored)
         if items:
@@ -115,12 +119,14 @@ class Pushes:
             for session_id in pending
         ]
 
-    def _linked_pushes(self, via: str, user_id: str, membership: str) -> list[OutboxItem]:
+    def _linked_pushes(
+        self, via: str, user_id: str, membership: str, actionable: set[Link]
+    ) -> list[OutboxItem]:
         items = []
         for room_id in sorted(self.links.graph.allowing(via)):
             if not counts_as_member(self.policies.get(room_id), membership):
                 continue
-            if not self.has_state(room_id) or Link(room_id, via) not in self.links.actionable():
+            if not self.has_state(room_id) or Link(room_id, via) not in actionable:
                 continue
             items.append(
                 OutboxItem(room_id=room_id, user_id=user_id, trigger=Trigger.LINK, via=via)
