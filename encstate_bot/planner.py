@@ -224,7 +224,9 @@ def bundle(batch: RoomBatch, user_id: str) -> list[tuple[str, Decision]]:
 
 # What waits for a key: asked for, or pushed to a joined member, while the bot cannot read the
 # state the session carries (it lacks the key). Sessions nobody's state names are never kept.
-WAIT_TRIGGERS = frozenset({Trigger.REQUEST, Trigger.JOIN, Trigger.INVITE, Trigger.LINK})
+# Invitees and members of admitting rooms get only the bot's seals, which it always holds, so
+# only requests and joins can find a key missing.
+WAIT_TRIGGERS = frozenset({Trigger.REQUEST, Trigger.JOIN})
 
 
 def waiting_for_keys(batch: RoomBatch, planned: list[Planned]) -> list[OutboxItem]:
