@@ -1,5 +1,8 @@
 """`make bench`: encstate's fan-out, request latency and ledger scale, each beside a baseline
-measured in the same run (these machines are shared and noisy).
+measured in the same run (these machines are shared and noisy). `--scale` runs the community
+scale scenarios instead (many rooms, a join storm, one huge room: `bench/scale.py`);
+`--synapse-db postgres` backs the throwaway Synapse with PostgreSQL (SQLite by default, so
+figures stay comparable).
 
 Prints a table and `RESULT name=value` lines that can be compared across commits.
 """
@@ -17,16 +20,27 @@ from aiohttp import ClientSession, TCPConnector
 
 from harness.synapse import Synapse
 
-from . import fanout, latency, ledger, seal
+from . import fanout, latency, ledger, scale, seal
 from .report import Report
+from .synapse_db import synapse_database
+
+PARTS = ["fanout", "latency", "seal", "ledger"]
+SCALE_PARTS = ["rooms", "huge"]
 
 
 async def run(args: argparse.Namespace, report: Report) -> None:
-    with tempfile.TemporaryDirectory(prefix="encstate-bench-") as workdir:
+    with (
+        tempfile.TemporaryDirectory(prefix="encstate-bench-") as workdir,
+        synapse_database(args.synapse_db) as database,
+    ):
         started = time.monotonic()
-        with Synapse() as synapse:
-            report.note(f"Synapse on {synapse.url}; workdir {workdir}")
+        with Synapse(extra_config={"database": database} if database else None) as synapse:
+            report.note(f"Synapse on {synapse.url} ({args.synapse_db}); workdir {workdir}")
             async with ClientSession(connector=TCPConnector(limit=200)) as http:
+                if args.scale:
+                    await scale.run(synapse, http, workdir, report, args.quick, args.only)
+                    report.note(f"total bench time {time.monotonic() - started:.0f} s")
+                    return
                 if "fanout" in args.only:
                     await fanout.run(synapse, http, workdir, report, args.quick)
                 if "latency" in args.only:
@@ -40,14 +54,17 @@ async def run(args: argparse.Namespace, report: Report) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument(
-        "--only",
-        nargs="+",
-        default=["fanout", "latency", "seal", "ledger"],
-        choices=["fanout", "latency", "seal", "ledger"],
-    )
+    parser.add_argument("--only", nargs="+", choices=PARTS + SCALE_PARTS)
     parser.add_argument("--quick", action="store_true", help="smaller N, for a smoke run")
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="the community scale scenarios (many rooms and a join storm, one huge room)",
+    )
+    parser.add_argument("--synapse-db", choices=["sqlite", "postgres"], default="sqlite")
     args = parser.parse_args()
+    if args.only is None:
+        args.only = SCALE_PARTS if args.scale else PARTS
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     for noisy in ("mau", "bench", "maubot"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -38,6 +38,7 @@ class InProcessBot:
         self.name = name
         self.plugin: EncStateBot | None = None
         self.db: Database | None = None
+        self.pickle_key = "bench"  # a bot process on the same database needs its own key
 
     async def start(
         self,
@@ -45,9 +46,12 @@ class InProcessBot:
         config: dict | None = None,
         before_plugin: Callable[[OlmMachine], Awaitable[None]] | None = None,
         reuse_device: bool = False,
-    ) -> EncStateBot:
+        plugin: bool = True,
+    ) -> EncStateBot | None:
         """Log in a new device (or reuse the last one and its database) and start the plugin;
-        ``before_plugin`` runs once the crypto store is open, before the plugin's rescan."""
+        ``before_plugin`` runs once the crypto store is open, before the plugin's rescan.
+        ``plugin`` false stops there: the device and its crypto store only (its keys
+        uploaded), for a bot process to run on the same database later."""
         loop = asyncio.get_running_loop()
         if user_id is None:
             user_id = await loop.run_in_executor(None, self.synapse.register, self.name)
@@ -65,7 +69,7 @@ class InProcessBot:
         )
         await self.db.start()
         next_batch = await NextBatch(self.db, user_id).load()
-        crypto_store = PgCryptoStore(account_id=user_id, pickle_key="bench", db=self.db)
+        crypto_store = PgCryptoStore(account_id=user_id, pickle_key=self.pickle_key, db=self.db)
         state_store = PgCryptoStateStore(self.db)
         await crypto_store.upgrade_table.upgrade(self.db)
         await state_store.upgrade_table.upgrade(self.db)
@@ -88,6 +92,8 @@ class InProcessBot:
             await client.crypto.share_keys()
         if before_plugin is not None:
             await before_plugin(client.crypto)
+        if not plugin:
+            return None
         # sealing off unless asked for: the other parts measure forwarding, and a seal would
         # change the room's state under the next bot
         overrides = {
