@@ -112,8 +112,15 @@ def _log_config(workdir: str) -> dict[str, Any]:
 class Synapse:
     """One Synapse process. ``url`` is its client API base URL."""
 
-    def __init__(self, extra_config: dict[str, Any] | None = None, keep: bool = False) -> None:
-        self.workdir = tempfile.mkdtemp(prefix="encstate-synapse-")
+    def __init__(
+        self,
+        extra_config: dict[str, Any] | None = None,
+        keep: bool = False,
+        parent: str | None = None,
+    ) -> None:
+        """``parent``: where its working directory goes (the system's temporary directory by
+        default; the scale benchmark uses memory, /dev/shm, to build big fixtures fast)."""
+        self.workdir = tempfile.mkdtemp(prefix="encstate-synapse-", dir=parent)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server_name = SERVER_NAME
