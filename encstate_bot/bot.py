@@ -68,6 +68,28 @@ REQUEST_WAITS_KEPT_SECONDS = 3600
 PUSH_WAITS_KEPT_SECONDS = 30 * 86400
 
 
+def owner_refusal(owner: str, since_ms: int, user_id: str) -> str:
+    """Why a bot account may not use a database another encstate account claimed, and what to
+    do instead."""
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since_ms / 1000))
+    return (
+        f"encstate will not start: its tables in this database belong to the encstate bot "
+        f"{owner} (since {since}), and this bot is {user_id}. They have no account column, so two "
+        "bot accounts on one database and schema would send keys from the wrong account and "
+        f"undo each other's work. If {user_id} is to replace {owner} here (say this maubot "
+        "instance's primary user was changed: the instance keeps its schema mbp_<instance id> "
+        "or its file <instance id>.db), hand the data over on purpose: run DELETE FROM "
+        "encstate_owner in this instance's schema or database and start it again; "
+        f"{user_id} then takes over {owner}'s queue, seals and audit (it delivers what "
+        f"{owner} queued, shares the keys of {owner}'s seals, and its audit goes on from "
+        f"{owner}'s). Otherwise give each bot account its own database or its own schema: in a "
+        "full maubot server every instance has its own schema or SQLite file, so run an "
+        "instance per account; in standalone mode on PostgreSQL, create a schema (CREATE "
+        "SCHEMA <schema>) and set database_opts: {server_settings: {search_path: <schema>}} in "
+        "this bot's config; on SQLite, give it a database file of its own"
+    )
+
+
 class EncStateBot(Plugin):
     config: Config
 
@@ -96,6 +118,13 @@ class EncStateBot(Plugin):
         self.seals = SealBook()
         self.policies = RoomPolicies(config, self.store, log)
         try:
+            # First: the tables have no account column, so nothing may read them for a bot
+            # account that does not own them (another bot's queue, seals and links).
+            owner, since = await self.store.claim_owner(client.mxid)
+            if owner != client.mxid:
+                refused = owner_refusal(owner, since, client.mxid)
+                log.critical(refused)
+                raise RuntimeError(refused)
             self.policies.load(await self.store.rooms())
             await self.tracker.load()
             self.seals.load(await self.store.seals())
@@ -313,7 +342,24 @@ class EncStateBot(Plugin):
             await self.intake.rescan()
         except Exception:
             self.log.exception("Start-up rescan failed")
+        # Ready: every room rescanned (state, then the timelines that changed), the ledger
+        # current, the pushes it owes queued, and every rescanned room's seals current (one
+        # sealing pass here; a room that cannot be sealed now says why and is tried later).
+        # Key requests are answered all along.
+        started, sealed = time.monotonic(), 0
+        for room_id in self.intake.to_seal if self.sending else []:
+            if not self.policies.get(room_id).seal:
+                continue
+            try:
+                sealed += len((await self.sealer.seal_room(room_id, limited=True)).sealed)
+            except Exception:
+                self.log.exception(f"Sealing {room_id} failed; trying again shortly")
+                self.sealer.mark(room_id)
         self.intake.ready.set()
+        self.log.info(
+            f"Ready: {len(self.intake.to_seal)} room(s) looked at for seals in "
+            f"{time.monotonic() - started:.2f} s ({sealed} value(s) sealed)"
+        )
         while True:
             try:
                 await self.maintain()

@@ -24,7 +24,7 @@ from mautrix.crypto.sessions import Session
 from mautrix.types import CrossSigner, CrossSigningUsage, DeviceIdentity, TrustState
 import olm
 
-from .glue import BulkOlmStore, ed25519_verify, olm_encrypt
+from .glue import BulkOlmStore, ed25519_verify, keys_fetched, olm_encrypt
 from .tasks import settle
 
 OLM_ALGORITHM = "m.olm.v1.curve25519-aes-sha2"
@@ -120,7 +120,9 @@ class BulkOlm:
                 resp = await answer
                 for server, error in (resp.get("failures") or {}).items():
                     self.log.warning(f"Key query failure for {server}: {error}")
-                found.update(await self._store_devices(chunk, resp))
+                stored = await self._store_devices(chunk, resp)
+                found.update(stored)
+                keys_fetched(self.crypto, stored)
         finally:
             settle(queries)
         for user_id in unknown:
@@ -132,7 +134,25 @@ class BulkOlm:
     ) -> dict[str, dict[str, DeviceIdentity]]:
         """Validate and store the queried devices of users the store did not track. They were
         never part of one of the bot's outbound megolm sessions (mautrix tracks everyone it
-        shares with), so there is nothing to rotate."""
+        shares with), so there is nothing to rotate. The signatures (about three per device)
+        are checked in a worker thread: libolm releases the GIL, so the event loop keeps
+        encrypting and sending meanwhile (a seal's next wave is looked up while this one's
+        keys go out)."""
+        result, keys, signatures = await asyncio.to_thread(self._validate_all, users, resp)
+        async with self.store.transaction():
+            await self.store.put_devices(result)
+            await self.store.put_cross_signing(keys, signatures)
+        return result
+
+    def _validate_all(
+        self, users: list[str], resp: dict[str, Any]
+    ) -> tuple[
+        dict[str, dict[str, DeviceIdentity]],
+        list[tuple[str, CrossSigningUsage, str]],
+        list[tuple[CrossSigner, CrossSigner, str]],
+    ]:
+        """The valid devices of these users in a key query's answer, and the cross-signing
+        keys and valid signatures to store (in a worker thread: it only reads ``resp``)."""
         result: dict[str, dict[str, DeviceIdentity]] = {}
         keys: list[tuple[str, CrossSigningUsage, str]] = []
         signatures: list[tuple[CrossSigner, CrossSigner, str]] = []
@@ -147,10 +167,7 @@ class BulkOlm:
                     devices[device_id] = device
             result[user_id] = devices
             self._cross_signing(user_id, raw, devices, resp, keys, signatures)
-        async with self.store.transaction():
-            await self.store.put_devices(result)
-            await self.store.put_cross_signing(keys, signatures)
-        return result
+        return result, keys, signatures
 
     def _validate(self, user_id: str, device_id: str, keys: Any) -> DeviceIdentity | None:
         if not isinstance(keys, dict):
@@ -295,10 +312,17 @@ class BulkOlm:
     # Encryption ---------------------------------------------------------------------------------
 
     async def encrypt(
-        self, items: list[tuple[DeviceIdentity, str, Any]], sessions: dict[str, Session]
+        self,
+        items: list[tuple[DeviceIdentity, str, Any]],
+        sessions: dict[str, Session],
+        encoded: dict[int, str] | None = None,
     ) -> list[dict[str, Any] | None]:
         """Olm-encrypt (device, event type, content) for each device, in order; None where the
-        device has no session. The sessions' new ratchet states are stored in one transaction."""
+        device has no session. The sessions' new ratchet states are stored in one transaction.
+
+        ``encoded`` caches each content's JSON by ``id(content)``, so the caller may share it
+        between calls only while it keeps every content it passed alive (an id is unique only
+        among live objects): a delivery encodes a content once for all its devices."""
         crypto = self.crypto
         account = crypto.account
         sender = {
@@ -311,7 +335,8 @@ class BulkOlm:
         # The plaintext is assembled from JSON pieces: the sender part is the same for every
         # message and each content is the same for many devices, so each is encoded once.
         head = json.dumps(sender)[:-1]
-        encoded: dict[int, str] = {}
+        if encoded is None:
+            encoded = {}
         used: dict[str, Session] = {}
         out: list[dict[str, Any] | None] = []
         for count, (device, event_type, content) in enumerate(items):

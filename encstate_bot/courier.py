@@ -1,9 +1,10 @@
 """The courier: the one place that sends keys, and the queue it drains.
 
 Work arrives as ``OutboxItem`` rows in the database (a request to answer, a member to push to),
-so a crash or restart resumes where it stopped. Two lanes drain the queue: the fast one (answers
-to requests, a newcomer's keys) and bulk pushes. For each batch the courier has the gatherer
-read what can change under it (``gather.py``), asks the planner for every decision
+so a crash or restart resumes where it stopped. Three lanes drain the queue side by side:
+answers to requests, a newcomer's keys (the fast lane) and bulk pushes, which pause for the
+other two (``triggers.py``). For each batch the courier has the gatherer read what can change
+under it (``gather.py``), asks the planner for every decision
 (``planner.py``, pure), hands the shares to the transport (``transport.py``: Olm, to-device,
 withheld notices) and records each outcome in the audit (``audit.py``) as its call goes
 through.
@@ -35,10 +36,8 @@ from .store import AuditRow, OutboxItem, Store
 from .tasks import settle, stop_all
 from .tracker import SessionSource, Tracker
 from .transport import Transport
-from .triggers import Trigger, is_fast
+from .triggers import LANES, PUSH_LANE, Trigger, is_fast, lane
 
-FAST_LANE = "fast"
-PUSH_LANE = "push"
 PER_ROOM_ITEMS = 1000  # one busy room cannot take a whole batch
 WAVE_USERS = 1000  # users whose device keys are looked up together (bounds memory)
 BATCH_ITEMS = 2000
@@ -63,7 +62,7 @@ class Approved:
 
 
 def lane_of(item: OutboxItem) -> str:
-    return FAST_LANE if is_fast(item.trigger) else PUSH_LANE
+    return lane(item.trigger)
 
 
 class Courier:
@@ -86,7 +85,8 @@ class Courier:
         self.transport = transport
         self.audit = audit
         self.log = log
-        self._wake = {FAST_LANE: asyncio.Event(), PUSH_LANE: asyncio.Event()}
+        self._wake = {name: asyncio.Event() for name in LANES}
+        self._urgent = 0  # lanes draining a batch someone waits for (bulk deliveries pause)
         self._tasks: list[asyncio.Task] = []
         # (user, device, request id) of recent cancellations: a batch deciding the request
         # when it was cancelled must not leave a wait behind
@@ -100,8 +100,8 @@ class Courier:
     # Lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        for lane in (FAST_LANE, PUSH_LANE):
-            self._tasks.append(asyncio.create_task(self._run(lane), name=f"encstate-{lane}"))
+        for name in LANES:
+            self._tasks.append(asyncio.create_task(self._run(name), name=f"encstate-{name}"))
 
     async def stop(self) -> None:
         await stop_all(self._tasks)
@@ -110,24 +110,34 @@ class Courier:
     async def submit(self, items: Iterable[OutboxItem]) -> int:
         items = list(items)
         count = await self.store.enqueue(items)
-        for lane in {lane_of(i) for i in items}:
-            self._wake[lane].set()
+        for name in {lane_of(i) for i in items}:
+            self._wake[name].set()
         return count
 
+    def _waited_for(self, draining: int) -> None:
+        """Count a lane someone waits for in (1) or out (-1) of a batch: bulk deliveries pause
+        between their calls while any of them drains."""
+        self._urgent += draining
+        if self._urgent:
+            self.transport.fast_idle.clear()
+        else:
+            self.transport.fast_idle.set()
+
     async def _run(self, lane: str) -> None:
+        """Drain one lane, a batch at a time. The lanes run side by side: an answer to a
+        request never waits for a newcomers' batch in flight, however big a join storm's."""
         wake = self._wake[lane]
-        fast = lane == FAST_LANE
-        idle = self.transport.fast_idle
+        urgent = lane != PUSH_LANE
         last_batch = float("-inf")  # when this lane last finished a batch (monotonic)
         while True:
             try:
-                if fast:
-                    idle.clear()
+                if urgent:
+                    self._waited_for(1)
                 try:
                     worked = await self.drain(lane)
                 finally:
-                    if fast:
-                        idle.set()
+                    if urgent:
+                        self._waited_for(-1)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -136,11 +146,13 @@ class Courier:
                 continue
             if worked:
                 last_batch = time.monotonic()
-                if not fast and 0 < await self.store.pending_count() < COALESCE_BELOW:
-                    await asyncio.sleep(STORM_COALESCE_SECONDS)  # more are coming in
+                if not urgent:
+                    queued = await self.store.queued(lane, COALESCE_BELOW)
+                    if 0 < queued < COALESCE_BELOW:
+                        await asyncio.sleep(STORM_COALESCE_SECONDS)  # more are coming in
                 continue
             wake.clear()
-            next_due = await self.store.next_due_ms(fast)
+            next_due = await self.store.next_due_ms(lane)
             timeout = 30.0
             if next_due is not None:
                 timeout = max(0.05, min(timeout, (next_due - time.time() * 1000) / 1000))
@@ -148,13 +160,13 @@ class Courier:
                 await asyncio.wait_for(wake.wait(), timeout)
             except asyncio.TimeoutError:
                 continue
-            if not fast and await self.store.pending_count() < COALESCE_BELOW:
+            if not urgent and await self.store.queued(lane, COALESCE_BELOW) < COALESCE_BELOW:
                 storm = time.monotonic() - last_batch < STORM_GAP_SECONDS
                 await asyncio.sleep(STORM_COALESCE_SECONDS if storm else PUSH_COALESCE_SECONDS)
 
     async def drain(self, lane: str) -> bool:
         """Process one batch of due items of a lane; False if there was none."""
-        due = await self.store.due(BATCH_ITEMS, lane == FAST_LANE, per_room=PER_ROOM_ITEMS)
+        due = await self.store.due(BATCH_ITEMS, lane, per_room=PER_ROOM_ITEMS)
         if not due:
             return False
         await self.deliver(due)
@@ -218,6 +230,10 @@ class Courier:
         delivered = await self.store.delivered(users)
         source = self.tracker.session_source()
         waves = [users[i : i + WAVE_USERS] for i in range(0, len(users), WAVE_USERS)]
+        wave_of = {user: n // WAVE_USERS for n, user in enumerate(users)}
+        per_wave: list[list[OutboxItem]] = [[] for _ in waves]
+        for item in live:
+            per_wave[wave_of[item.user_id]].append(item)
         looked_up = time.monotonic()
         outcomes: list[Outcome] = []
         next_devices = None
@@ -226,7 +242,7 @@ class Courier:
         elif waves:
             next_devices = asyncio.create_task(self.gather.devices(set(waves[0])))
         try:
-            for index, wave in enumerate(waves):
+            for index, wave_items in enumerate(per_wave):
                 assert next_devices is not None
                 devices = await next_devices
                 next_devices = (
@@ -234,12 +250,13 @@ class Courier:
                     if index + 1 < len(waves)
                     else None
                 )
-                members = set(wave)
-                wave_items = [i for i in live if i.user_id in members]
+                by_room: dict[str, list[OutboxItem]] = defaultdict(list)
+                for item in wave_items:
+                    by_room[item.room_id].append(item)
                 wave_outcomes: list[Outcome] = []
                 groups: dict[tuple[str, str], Any] = {}
                 for room_id, context in contexts.items():
-                    room_items = [i for i in wave_items if i.room_id == room_id]
+                    room_items = by_room.get(room_id)
                     if room_items:
                         wave_outcomes += await self._decide(
                             context, room_items, devices, delivered, source, dry_run, groups
@@ -433,15 +450,19 @@ class Courier:
             await self._send_withheld(withholds)
         failed_queued = [i for i in items if i.id in failed_items]
         expired = [i for i in failed_queued if audit.expired(i)]
-        retry = [i for i in failed_queued if i not in expired]
+        gone = {i.id for i in expired}
+        retry = [i for i in failed_queued if i.id not in gone]
         waiting = {i.id for i in retry}
         rest = [o for o in outcomes if id(o) not in recorded and o.item.id not in waiting]
         done = [i.id for i in items if i.id is not None and i.id not in waiting]
         await self.store.finish(
             done, [audit.row(o) for o in rest] + [self.audit.gave_up(i) for i in expired]
         )
+        later: dict[int, list[int]] = defaultdict(list)
         for item in retry:
-            await self.store.retry_later([item.id], audit.backoff_ms(item.attempts))
+            later[audit.backoff_ms(item.attempts)].append(item.id)  # type: ignore[arg-type]
+        for delay_ms, ids in later.items():
+            await self.store.retry_later(ids, delay_ms)
         for o in rest:
             self.audit.log_outcome(o)
         devices = {(o.item.user_id, o.device_id) for o in sent}
@@ -457,14 +478,18 @@ class Courier:
     ) -> tuple[list[Outcome], list[Outcome], int]:
         """Send the shared sessions, recording each call's shares as soon as it went through;
         returns (sent, failed, calls)."""
-        exports: dict[tuple[str, str, int], Any] = {}
+        exports: dict[tuple[str, str, int | None], Any] = {}  # (room, session, index or None)
         entries: list[tuple[DeviceIdentity, EventType, Any, Outcome]] = []
         for o in shares:
             assert o.device is not None and isinstance(o.decision, Share)
             seal = self.seals.get(o.item.room_id, o.session_id)
             if seal is not None:
-                # the bot made this session: its m.room_key, which every client takes
-                entries.append((o.device, EventType.ROOM_KEY, seal.room_key(), o))
+                # the bot made this session: its m.room_key, which every client takes (one
+                # dict per seal, so its JSON is encoded once for all the devices)
+                key = (o.item.room_id, o.session_id, None)
+                if key not in exports:
+                    exports[key] = seal.room_key()
+                entries.append((o.device, EventType.ROOM_KEY, exports[key], o))
                 continue
             key = (o.item.room_id, o.session_id, o.decision.index)
             if key not in exports:

@@ -39,7 +39,7 @@ from mautrix.crypto.store.asyncpg import PgCryptoStore
 from mautrix.types import CrossSigner, CrossSigningUsage, DeviceIdentity, SessionID, TrustState
 import olm
 
-from .sql import chunks, placeholders
+from .sql import IN_CHUNK, chunks, placeholders
 
 try:
     from _libolm import ffi, lib
@@ -151,6 +151,100 @@ async def fetch_keys(crypto: Any, user_ids: list[str]) -> dict[str, dict[str, De
     return await crypto._fetch_keys(list(user_ids), include_untracked=True)
 
 
+# What ``resolve_trust_many`` uses of the machine besides its crypto store: the users whose
+# keys mautrix's trust resolution already fetched once, and the lock it fetches them under.
+TRUST_INTERNALS = ("_cs_fetch_attempted", "_fetch_keys_lock")
+TRUST_FETCH_CHUNK = 250  # users per key query when trust resolution fetches missing keys
+
+
+def keys_fetched(crypto: Any, user_ids: Iterable[str]) -> None:
+    """These users' device and cross-signing keys were just queried and stored: mautrix's
+    trust resolution need not query them again (it queries a user without cross-signing keys
+    once per process, for exactly the answer the bulk query just stored)."""
+    attempted = getattr(crypto, "_cs_fetch_attempted", None)
+    if isinstance(attempted, set):
+        attempted.update(user_ids)
+
+
+async def resolve_trust_many(
+    crypto: Any, devices: list[DeviceIdentity], log: logging.Logger
+) -> dict[tuple[str, str], TrustState] | None:
+    """mautrix's ``resolve_trust`` for many devices, by (user, device), in a few statements:
+    the same reads (cross-signing keys, the master key's signature on the self-signing key, the
+    self-signing key's on the device) and the same rules, in bulk. Users without
+    cross-signing keys are fetched once per process, as mautrix does, but in one key query per
+    TRUST_FETCH_CHUNK users instead of one per device. None where this cannot be done in bulk
+    (not mautrix's SQL store, or the machine lacks what it reads, or a read failed): the
+    caller then asks ``resolve_trust`` one device at a time."""
+    store = getattr(crypto, "crypto_store", None)
+    if not isinstance(store, PgCryptoStore) or not all(
+        hasattr(crypto, name) for name in TRUST_INTERNALS
+    ):
+        return None
+    try:
+        return await _resolve_trust_many(crypto, BulkOlmStore(store), devices, log)
+    except Exception:
+        log.exception("Resolving trust in bulk failed; resolving it one device at a time")
+        return None
+
+
+async def _resolve_trust_many(
+    crypto: Any, bulk: BulkOlmStore, devices: list[DeviceIdentity], log: logging.Logger
+) -> dict[tuple[str, str], TrustState]:
+    result: dict[tuple[str, str], TrustState] = {}
+    pending = []
+    for device in devices:
+        if device.device_id != crypto.client.device_id and device.trust in (
+            TrustState.VERIFIED,
+            TrustState.BLACKLISTED,
+        ):
+            result[(device.user_id, device.device_id)] = device.trust
+        else:
+            pending.append(device)
+    users = list(dict.fromkeys(d.user_id for d in pending))
+    keys = await bulk.cross_signing_keys(users)
+    missing = [u for u in users if not keys.get(u) and u not in crypto._cs_fetch_attempted]
+    if missing:
+        async with crypto._fetch_keys_lock:
+            missing = [u for u in missing if u not in crypto._cs_fetch_attempted]
+            crypto._cs_fetch_attempted.update(missing)
+            for chunk in chunks(missing, TRUST_FETCH_CHUNK):
+                try:
+                    await crypto._fetch_keys(list(chunk))
+                except Exception:  # as resolve_trust: those devices are not cross-signed
+                    log.exception(f"Fetching the keys of {len(chunk)} user(s) for trust failed")
+        keys.update(await bulk.cross_signing_keys(missing))
+    signed = await bulk.self_signatures(users)
+    trusted: dict[str, bool] = {}
+    warned: set[str] = set()
+    for device in pending:
+        user = device.user_id
+        user_keys = keys.get(user, {})
+        msk = user_keys.get(CrossSigningUsage.MASTER)
+        ssk = user_keys.get(CrossSigningUsage.SELF)
+        state = TrustState.UNVERIFIED
+        if msk is None or ssk is None:
+            if user not in warned:
+                warned.add(user)
+                absent = CrossSigningUsage.MASTER if msk is None else CrossSigningUsage.SELF
+                log.debug(f"Didn't find cross-signing key {absent} of {user}")
+        elif (user, ssk[0], msk[0]) not in signed:
+            if user not in warned:
+                warned.add(user)
+                log.warning(f"Self-signing key of {user} is not signed by their master key")
+        elif (user, device.signing_key, ssk[0]) in signed:
+            if user not in trusted:
+                trusted[user] = bool(await crypto.is_user_trusted(user))
+            if trusted[user]:
+                state = TrustState.CROSS_SIGNED_TRUSTED
+            elif msk[0] == msk[1]:
+                state = TrustState.CROSS_SIGNED_TOFU
+            else:
+                state = TrustState.CROSS_SIGNED_UNTRUSTED
+        result[(user, device.device_id)] = state
+    return result
+
+
 def patch_key_receivers(
     crypto: Any, after: Callable[[Any, bool], Awaitable[None]], log: logging.Logger
 ) -> Callable[[], None]:
@@ -227,7 +321,13 @@ class BulkOlmStore:
     # Olm sessions ------------------------------------------------------------------------------
 
     async def latest_sessions(self, keys: Iterable[str]) -> dict[str, Session]:
-        """The newest Olm session per identity key (by last decryption, as mautrix picks)."""
+        """The newest Olm session per identity key (by last decryption, as mautrix picks).
+
+        The database picks the newest row per key and only those rows' pickles are read, and
+        only for sessions mautrix's cache lacks (a device may have many old sessions; a warm
+        push needs no pickle at all). ``crypto_olm_session`` has no index on ``sender_key``:
+        each statement filtering on it scans the account's sessions, so more keys than one
+        ``IN`` list holds are picked in one scan of the account's rows, not one per chunk."""
         keys = list(dict.fromkeys(keys))
         if not self.sql:
             found = {}
@@ -237,32 +337,51 @@ class BulkOlmStore:
                     found[key] = session
             return found
         store: PgCryptoStore = self.store
-        newest: dict[str, Any] = {}
-        for chunk in chunks(keys):
+        if not keys:
+            return {}
+        wanted = set(keys)
+        newest: dict[str, str] = {}  # identity key -> session id
+        few = len(keys) <= IN_CHUNK
+        where = f" AND sender_key IN ({placeholders(len(keys), 1)})" if few else ""
+        rows = await store.db.fetch(
+            "SELECT session_id, sender_key FROM (SELECT session_id, sender_key, ROW_NUMBER() "
+            "OVER (PARTITION BY sender_key ORDER BY last_decrypted DESC, session_id DESC) AS nth "
+            f"FROM crypto_olm_session WHERE account_id=$1{where}) AS ranked WHERE nth=1",
+            store.account_id,
+            *(keys if few else ()),
+        )
+        for row in rows:
+            if row["sender_key"] in wanted:
+                newest[row["sender_key"]] = row["session_id"]
+        found: dict[str, Session] = {}
+        unpickle: dict[str, str] = {}  # session id -> identity key
+        for key, session_id in newest.items():
+            cached = store._olm_cache[key].get(session_id) if key in store._olm_cache else None
+            if cached is not None:
+                found[key] = cached
+            else:
+                unpickle[session_id] = key
+        for chunk in chunks(list(unpickle)):
             rows = await store.db.fetch(
-                "SELECT session_id, sender_key, session, created_at, last_encrypted, "
-                "last_decrypted FROM crypto_olm_session "
-                f"WHERE account_id=$1 AND sender_key IN ({placeholders(len(chunk), 1)})",
+                "SELECT session_id, session, created_at, last_encrypted, last_decrypted "
+                "FROM crypto_olm_session "
+                f"WHERE account_id=$1 AND session_id IN ({placeholders(len(chunk), 1)})",
                 store.account_id,
                 *chunk,
             )
             for row in rows:
-                best = newest.get(row["sender_key"])
-                if best is None or row["last_decrypted"] > best["last_decrypted"]:
-                    newest[row["sender_key"]] = row
-        found = {}
-        for key, row in newest.items():
-            cached = store._olm_cache[key].get(row["session_id"])
-            if cached is None:
-                cached = Session.from_pickle(
-                    row["session"],
-                    passphrase=store.pickle_key,
-                    creation_time=row["created_at"],
-                    last_encrypted=row["last_encrypted"],
-                    last_decrypted=row["last_decrypted"],
-                )
-                store._olm_cache[key][SessionID(cached.id)] = cached
-            found[key] = cached
+                key = unpickle[row["session_id"]]
+                cached = store._olm_cache[key].get(row["session_id"])  # loaded meanwhile?
+                if cached is None:
+                    cached = Session.from_pickle(
+                        row["session"],
+                        passphrase=store.pickle_key,
+                        creation_time=row["created_at"],
+                        last_encrypted=row["last_encrypted"],
+                        last_decrypted=row["last_decrypted"],
+                    )
+                    store._olm_cache[key][SessionID(cached.id)] = cached
+                found[key] = cached
         return found
 
     async def add_sessions(self, sessions: list[tuple[str, Session]]) -> None:
@@ -396,6 +515,39 @@ class BulkOlmStore:
 
     # Cross-signing -----------------------------------------------------------------------------
 
+    async def cross_signing_keys(
+        self, user_ids: Iterable[str]
+    ) -> dict[str, dict[CrossSigningUsage, tuple[str, str]]]:
+        """Per user, what get_cross_signing_keys reads: usage -> (key, first seen key)."""
+        found: dict[str, dict[CrossSigningUsage, tuple[str, str]]] = {}
+        for chunk in chunks(list(dict.fromkeys(user_ids))):
+            rows = await self.store.db.fetch(
+                "SELECT user_id, usage, key, first_seen_key FROM crypto_cross_signing_keys "
+                f"WHERE user_id IN ({placeholders(len(chunk))})",
+                *chunk,
+            )
+            for row in rows:
+                found.setdefault(row["user_id"], {})[CrossSigningUsage(row["usage"])] = (
+                    row["key"],
+                    row["first_seen_key"],
+                )
+        return found
+
+    async def self_signatures(self, user_ids: Iterable[str]) -> set[tuple[str, str, str]]:
+        """(user, signed key, signer key) of every signature a user made on their own keys:
+        what is_key_signed_by looks up for the self-signing key and the devices."""
+        found: set[tuple[str, str, str]] = set()
+        for chunk in chunks(list(dict.fromkeys(user_ids))):
+            rows = await self.store.db.fetch(
+                "SELECT signed_user_id, signed_key, signer_key "
+                "FROM crypto_cross_signing_signatures "
+                f"WHERE signed_user_id IN ({placeholders(len(chunk))}) "
+                "AND signer_user_id=signed_user_id",
+                *chunk,
+            )
+            found.update((r["signed_user_id"], r["signed_key"], r["signer_key"]) for r in rows)
+        return found
+
     async def put_cross_signing(
         self,
         keys: list[tuple[str, CrossSigningUsage, str]],
@@ -499,6 +651,11 @@ def _check_machine(crypto: Any | None) -> list[str]:
             parameters = {"include_untracked": None}  # nothing to tell
         if "include_untracked" not in parameters:
             problems.append("mautrix's OlmMachine._fetch_keys takes no include_untracked")
+    for name in TRUST_INTERNALS:
+        if not _assigned(OlmMachine, name):
+            problems.append(f"mautrix's OlmMachine does not set {name}")
+        elif crypto is not None and not hasattr(crypto, name):
+            problems.append(f"this Olm machine has no {name}")
     for name in KEY_RECEIVERS:
         if not inspect.iscoroutinefunction(getattr(OlmMachine, name, None)):
             problems.append(f"mautrix's OlmMachine has no async {name}")

@@ -8,6 +8,8 @@ from typing import Any
 
 from mautrix.types import CrossSigner, DeviceIdentity, TrustState
 
+from . import glue
+
 
 class Identity:
     def __init__(self, client: Any, log: logging.Logger) -> None:
@@ -19,7 +21,23 @@ class Identity:
         the bot trusted on first use (or verified): a cross-signing identity that changed since
         then (CROSS_SIGNED_UNTRUSTED: what a homeserver swapping it in looks like) does not
         count, and is logged."""
-        trust = await self.client.crypto.resolve_trust(device)
+        return self._judge(device, await self.client.crypto.resolve_trust(device))
+
+    async def trust_many(
+        self, devices: list[DeviceIdentity]
+    ) -> dict[tuple[str, str], tuple[bool, bool]]:
+        """``trust`` for many devices, by (user, device): mautrix's trust resolution for all
+        of them in a few statements where the crypto store is mautrix's SQL store, else one
+        device at a time."""
+        states = await glue.resolve_trust_many(self.client.crypto, devices, self.log)
+        if states is None:
+            return {(d.user_id, d.device_id): await self.trust(d) for d in devices}
+        return {
+            (d.user_id, d.device_id): self._judge(d, states[(d.user_id, d.device_id)])
+            for d in devices
+        }
+
+    def _judge(self, device: DeviceIdentity, trust: TrustState) -> tuple[bool, bool]:
         if trust == TrustState.CROSS_SIGNED_UNTRUSTED:
             self.log.warning(
                 f"{device.user_id}'s cross-signing identity changed since the bot first saw it "

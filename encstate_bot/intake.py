@@ -6,16 +6,19 @@ go to the bundles, key requests to the request intake. Room keys arriving throug
 machine decrypt what waited for them. After each step the sessions that gained valid state
 trigger their reactions: seal the room, answer the requests that waited, push to the members of
 admitting rooms. At start the intake reads every joined room again and pages back through the
-timeline of the state-encrypted ones.
+timeline of the state-encrypted ones: those that changed since the sync position it saved
+last time (all of them when it has none), several rooms at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+import json
 import logging
 import time
-from typing import Any, Awaitable
+from typing import Any, Awaitable, Iterable
+import uuid
 
 from mautrix.api import Method, Path
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
@@ -35,7 +38,15 @@ from .tasks import stop_all
 from .tracker import Tracker
 
 PAGE = 100
+# A catch-up's first page is small: most rooms stop in it (at the newest event the bot knows),
+# and a homeserver's cost grows with the events a page holds.
+FIRST_PAGE = 10
 ORIGINS_KEPT = 5000
+# Rooms read at once by the start-up rescan (their state, then their timelines).
+RESCAN_CONCURRENCY = 8
+# The sync position is written at most this often while syncs run (and at the end of the
+# rescan and at stop): a start after a crash reads back at most this much more.
+POSITION_SAVE_SECONDS = 10.0
 
 
 class Origins:
@@ -103,7 +114,23 @@ class Intake:
         self.log = log
         self.encryption = encryption
         self.last_sync: float | None = None  # time.time() of the last sync processed
+        # Set by the plugin once the bot is ready (bot.py ``_startup``): rescanned, seals current.
         self.ready = asyncio.Event()
+        # The start-up rescan is done: reactions (seal, push) run at once from now on.
+        self.rescanned = False
+        self.to_seal: list[str] = []  # the rooms the rescan read, to seal before ready
+        # A sync token up to which every event of every state-encrypted room was processed
+        # (None: not known). Saved, a restart catches up only on the rooms changed since.
+        self.position: str | None = None
+        self._saved_position: str | None = None
+        self._saved_at = 0.0
+        self._last_batch: str | None = None  # next_batch of the last sync processed
+        self._caught_up = False  # the start-up catch-up finished and left no room behind
+        # Rooms whose events since the position are not all processed: gaps being filled,
+        # or lost (a failed catch-up or room sync; until the next start). While any exists
+        # the position stays where it is.
+        self._filling: dict[str, int] = {}
+        self._lost: set[str] = set()
         self._sync_seen = False
         self._gained_at_start: dict[str, set[str]] = {}
         self._restore_receivers: Any = None
@@ -129,6 +156,7 @@ class Intake:
     async def stop(self) -> None:
         # (also when maubot took the crypto machine away from this client: the log filter and
         # middlewares are on this client either way)
+        await self._save_position(force=True)
         if self._restore_receivers is not None:
             self.client.remove_event_middleware(
                 EventType.ROOM_KEY_REQUEST, self._own_requests_only
@@ -221,12 +249,17 @@ class Intake:
                 self.log.exception(f"Reacting to new state in {room_id} failed; retrying later")
                 self.tracker.give_back(room_id, sessions)
 
+    @property
+    def live(self) -> bool:
+        """Reactions run at once (after the start-up rescan); before, they wait for it."""
+        return self.rescanned or self.ready.is_set()
+
     async def _react(self, room_id: str, sessions: dict[str, float]) -> None:
         """Seal, push to admitting rooms, and deliver what waited for these sessions' keys
         (requests and pushes to members who joined before the bot held them; kept in the
         database, so across a restart too)."""
         session_ids = set(sessions)
-        if self.ready.is_set():
+        if self.live:
             self.sealer.mark(room_id)
             await self.pushes.on_new_state(room_id, session_ids)
         else:
@@ -237,6 +270,7 @@ class Intake:
 
     async def on_sync(self, evt: dict[str, Any]) -> None:
         if self.encryption is not None and self.encryption.check():
+            self._lost.add("")  # this sync's events are not processed: the position stays
             return  # maubot swapped the client: this instance is being restarted
         self.last_sync = time.time()
         data = evt.get("data") or {}
@@ -256,9 +290,10 @@ class Intake:
             try:
                 links_changed |= await self._on_room_sync(room_id, room, live=not initial_ignored)
             except Exception:
+                self._lost.add(room_id)
                 self.log.exception(f"Failed to process sync for {room_id}")
         await self.react()
-        if links_changed and self.ready.is_set():
+        if links_changed and self.live:
             await self.pushes.refresh_links()
         requests = []
         for raw in (data.get("to_device") or {}).get("events", []):
@@ -271,6 +306,10 @@ class Intake:
                 await self._decrypt_skipped_to_device(raw)
         if requests:
             await self.requests.handle(requests)
+        next_batch = data.get("next_batch")
+        if isinstance(next_batch, str):
+            self._last_batch = next_batch
+            await self._advance(next_batch)
         if not self._sync_seen:
             self._sync_seen = True
             skipped = "maubot skipped it" if first_ignored else "it was not the first"
@@ -313,10 +352,26 @@ class Intake:
         if not was_tracked or room_id not in self.tracker.backfilled:
             self.spawn(self.catch_up(room_id, None), f"encstate-backfill-{room_id}")
         elif timeline_data.get("limited") and timeline_data.get("prev_batch"):
+            # The gap lies between the last sync processed (when there was one) and this one.
+            self._filling[room_id] = self._filling.get(room_id, 0) + 1
             self.spawn(
-                self.catch_up(room_id, timeline_data["prev_batch"]), f"encstate-gap-{room_id}"
+                self._fill_gap(room_id, timeline_data["prev_batch"], self._last_batch),
+                f"encstate-gap-{room_id}",
             )
         return links_changed
+
+    async def _fill_gap(self, room_id: str, prev_batch: str, to: str | None) -> None:
+        done = False
+        try:
+            done = await self.catch_up(room_id, prev_batch, to=to)
+        finally:
+            left = self._filling.get(room_id, 1) - 1
+            if left > 0:
+                self._filling[room_id] = left
+            else:
+                self._filling.pop(room_id, None)
+            if not done:
+                self._lost.add(room_id)
 
     async def _apply_plain_state(self, room_id: str, events: list[dict[str, Any]]) -> bool:
         links_changed = False
@@ -327,7 +382,7 @@ class Intake:
                 links_changed = True
             elif changed and raw.get("type") in ("m.room.power_levels", "m.room.create"):
                 links_changed = True
-                if self.ready.is_set():
+                if self.live:
                     self.sealer.mark(room_id)  # the bot may have gained the power to seal
         return links_changed
 
@@ -335,58 +390,135 @@ class Intake:
 
     async def rescan(self) -> None:
         """Read every joined room's current state again (maubot ignores the first sync after a
-        start), then catch up on each state-encrypted room's timeline."""
+        start), then catch up on the timelines of the state-encrypted rooms: those that changed
+        since the saved sync position (one sync request tells which), or, without one, each
+        back to an event it knew before this start. Several rooms at once, every room's state
+        before any timeline (a catch-up's pushes depend on other rooms' join rules and power
+        levels); within a room, state before its timeline, as before."""
         started = time.monotonic()
-        rooms = await self.client.get_joined_rooms()
-        self.links.set_joined(rooms)
-        for room_id in rooms:
-            try:
-                state = await self.client.api.request(Method.GET, Path.v3.rooms[room_id].state)
-            except (MatrixRequestError, MatrixConnectionError) as e:
-                self.log.warning(f"Could not read the state of {room_id}: {e}")
-                continue
+        rooms: set[str] = set()
+        read_since: str | None = None
+        catch_ups: list[Awaitable[bool]] = []
+        unchanged = 0
+        try:
+            rooms = set(await self.client.get_joined_rooms())
+            self.links.set_joined(rooms)
+            since = await self._load_position()
+            probe = await self._probe(since)
+            await self._bounded(self._rescan_state(room_id) for room_id in rooms)
+            read_since = since if probe is not None and probe[1] is not None else None
+            changed = probe[1] if probe is not None and probe[1] is not None else set()
+            for room_id in list(self.tracker.ledgers):
+                if room_id not in rooms:
+                    continue
+                if room_id not in self.tracker.backfilled:
+                    catch_ups.append(self._start_catch_up(room_id))
+                elif read_since is None:
+                    catch_ups.append(self._start_catch_up(room_id, before_start=True))
+                elif room_id in changed:
+                    catch_ups.append(self._start_catch_up(room_id, to=read_since))
+                else:
+                    unchanged += 1  # no event since the position: nothing to read
+            done = await self._bounded(catch_ups)
+            self._caught_up = all(done)
+            await self.tracker.settle_pending()
+            await self.react()
+            pushed = await self.pushes.refresh_links()
+            members: dict[str, list[str]] = {}  # each room's members, read once in this pass
+            for room_id, session_ids in self._gained_at_start.items():
+                await self.pushes.on_new_state(room_id, session_ids, pushed, members)
+            await self.pushes.reconcile(skip=pushed, members=members)
+            self._gained_at_start = {}
+            # What changed while the bot was away: the plugin seals these before it is ready.
+            self.to_seal = [room_id for room_id in self.tracker.ledgers if room_id in rooms]
+            if probe is not None:
+                if self._last_batch is None:  # the next sync's gap ends here at the latest
+                    self._last_batch = probe[0]
+                await self._advance(probe[0], force=True)
+        finally:
+            self.rescanned = True
+            self.tracker.fresh = None
+        tracked = sum(1 for r in rooms if self.tracker.tracked(r))
+        read = (
+            f"read back {len(catch_ups)} timeline(s), {unchanged} unchanged since the last "
+            "sync position"
+            if read_since is not None
+            else f"read back {len(catch_ups)} timeline(s) (no sync position saved)"
+        )
+        self.log.info(
+            f"Rescanned {len(rooms)} room(s) in {time.monotonic() - started:.2f} s; "
+            f"{tracked} encrypt their state; {read}"
+        )
+
+    async def _bounded(self, jobs: Iterable[Awaitable[Any]]) -> list[Any]:
+        """Run ``jobs`` at most RESCAN_CONCURRENCY at a time; their results in order."""
+        gate = asyncio.Semaphore(RESCAN_CONCURRENCY)
+
+        async def one(job: Awaitable[Any]) -> Any:
+            async with gate:
+                return await job
+
+        return await asyncio.gather(*(one(job) for job in jobs))
+
+    async def _rescan_state(self, room_id: str) -> None:
+        try:
+            state = await self.client.api.request(Method.GET, Path.v3.rooms[room_id].state)
+        except (MatrixRequestError, MatrixConnectionError) as e:
+            self.log.warning(f"Could not read the state of {room_id}: {e}")
+            return
+        try:
             state = [e for e in state if isinstance(e, dict)]
             await self._apply_plain_state(room_id, state)
             if self.tracker.tracked(room_id):
                 await self.tracker.ingest(room_id, state, current=True)
-        for room_id in list(self.tracker.ledgers):
-            if room_id in rooms:
-                await self.catch_up(room_id, None)
-        await self.tracker.settle_pending()
-        await self.react()
-        pushed = await self.pushes.refresh_links()
-        for room_id, session_ids in self._gained_at_start.items():
-            await self.pushes.on_new_state(room_id, session_ids, skip=pushed)
-        await self.pushes.reconcile(skip=pushed)
-        self._gained_at_start = {}
-        for room_id in self.tracker.ledgers:
-            if room_id in rooms:
-                self.sealer.mark(room_id)  # what changed while the bot was away
-        tracked = [r for r in rooms if self.tracker.tracked(r)]
-        self.log.info(
-            f"Rescanned {len(rooms)} room(s) in {time.monotonic() - started:.2f} s; "
-            f"{len(tracked)} encrypt their state"
-        )
+        except Exception:
+            self._lost.add(room_id)
+            self.log.exception(f"Could not rescan the state of {room_id}")
 
-    async def catch_up(self, room_id: str, from_token: str | None) -> None:
-        """Page back through the timeline until an event the ledger knows, or the limit."""
+    async def _start_catch_up(
+        self, room_id: str, to: str | None = None, before_start: bool = False
+    ) -> bool:
+        try:
+            if await self.catch_up(room_id, None, to=to, before_start=before_start):
+                return True
+        except Exception:
+            self.log.exception(f"Could not catch up on {room_id}")
+        self._lost.add(room_id)
+        return False
+
+    async def catch_up(
+        self,
+        room_id: str,
+        from_token: str | None,
+        to: str | None = None,
+        before_start: bool = False,
+    ) -> bool:
+        """Page back through the timeline until an event the ledger knows (``before_start``:
+        knew before this start), the sync position ``to`` (the homeserver stops there, and
+        every event before it is known), or the limit. False if a page could not be read."""
         ledger = self.tracker.ledger(room_id)
         first_time = room_id not in self.tracker.backfilled
+        fresh = (getattr(self.tracker, "fresh", None) or ()) if before_start else ()
         limit = self.config["backfill_limit"]
         token = from_token
         seen = 0
         live_members: list[dict[str, Any]] = []
         while seen < limit:
-            query: dict[str, Any] = {"dir": "b", "limit": min(PAGE, limit - seen)}
+            query: dict[str, Any] = {
+                "dir": "b",
+                "limit": min(PAGE if token else FIRST_PAGE, limit - seen),
+            }
             if token:
                 query["from"] = token
+            if to:
+                query["to"] = to
             try:
                 resp = await self.client.api.request(
                     Method.GET, Path.v3.rooms[room_id].messages, query_params=query
                 )
             except (MatrixRequestError, MatrixConnectionError) as e:
                 self.log.warning(f"Could not read the timeline of {room_id}: {e}")
-                return
+                return False
             chunk = [e for e in resp.get("chunk", []) if isinstance(e, dict)]
             if not chunk:
                 break
@@ -395,8 +527,11 @@ class Intake:
             # away: their joins still deserve a push. Older ones were handled before.
             newer: list[dict[str, Any]] = []
             for event in chunk:
-                if event.get("event_id") in ledger.events or event.get("event_id") in (
-                    ledger.messages
+                event_id = event.get("event_id")
+                if (
+                    not to
+                    and (event_id in ledger.events or event_id in ledger.messages)
+                    and event_id not in fresh
                 ):
                     break
                 newer.append(event)
@@ -415,3 +550,74 @@ class Intake:
             self.tracker.backfilled.add(room_id)
             await self.store.set_backfilled(room_id)
             self.log.info(f"Read back {seen} timeline event(s) of {room_id}")
+        return True
+
+    # The sync position -------------------------------------------------------------------------
+
+    async def _load_position(self) -> str | None:
+        try:
+            return await self.store.sync_position()
+        except Exception as e:
+            self.log.warning(f"Could not read the saved sync position: {e}")
+            return None
+
+    async def _probe(self, since: str | None) -> tuple[str, set[str] | None] | None:
+        """One sync request: the homeserver's position now and, from ``since``, the rooms with
+        timeline events since then (None without ``since``). Its filter leaves out all else
+        (no state, presence or account data; no room at all without ``since``) and names a
+        type no event has, so the homeserver's sync cache cannot answer it from an older
+        request. None if it failed."""
+        room_filter: dict[str, Any] = {
+            "timeline": {"limit": 1, "not_types": [f"org.encstate.probe.{uuid.uuid4().hex}"]},
+            "state": {"types": []},
+            "ephemeral": {"types": []},
+            "account_data": {"types": []},
+        }
+        if since is None:
+            room_filter["rooms"] = []
+        query = {
+            "filter": json.dumps(
+                {"room": room_filter, "presence": {"types": []}, "account_data": {"types": []}},
+                separators=(",", ":"),
+            ),
+            "timeout": "0",
+            "set_presence": "offline",  # leaves the bot's presence alone
+        }
+        if since is not None:
+            query["since"] = since
+        try:
+            resp = await self.client.api.request(Method.GET, Path.v3.sync, query_params=query)
+        except (MatrixRequestError, MatrixConnectionError) as e:
+            self.log.warning(f"Could not read the sync position: {e}; reading every timeline")
+            return None
+        next_batch = resp.get("next_batch") if isinstance(resp, dict) else None
+        if not isinstance(next_batch, str):
+            return None
+        if since is None:
+            return next_batch, None
+        joined = (resp.get("rooms") or {}).get("join") or {}
+        return next_batch, {str(room_id) for room_id in joined}
+
+    async def _advance(self, token: str, force: bool = False) -> None:
+        """Every event up to ``token`` was processed (the token of a sync just processed, or
+        of the start-up probe once the catch-up is done): move the position there, unless a
+        room is behind."""
+        if not self._caught_up or self._filling or self._lost:
+            return
+        if getattr(self.tracker, "backlog", None) or getattr(self.tracker, "overflowed", None):
+            return  # events held in memory only, or dropped: read again at the next start
+        self.position = token
+        await self._save_position(force)
+
+    async def _save_position(self, force: bool = False) -> None:
+        if self.position is None or self.position == self._saved_position:
+            return
+        if not force and time.monotonic() - self._saved_at < POSITION_SAVE_SECONDS:
+            return
+        try:
+            await self.store.put_sync_position(self.position)
+        except Exception as e:
+            self.log.warning(f"Could not save the sync position: {e}")
+            return
+        self._saved_position = self.position
+        self._saved_at = time.monotonic()

@@ -109,7 +109,15 @@ class RoomLinks:
         self.graph.set_allow(room_id, allowed)
 
     def actionable(self) -> set[Link]:
+        """Every link the bot can act on (walks the whole graph: read it once per pass)."""
         return self.graph.actionable(self.joined, self.empowered)
+
+    def actionable_from(self, room_id: str) -> set[Link]:
+        """The links of one restricted room the bot can act on, without walking the graph."""
+        allowed = self.graph.allowed(room_id)
+        if not allowed or not self.empowered(room_id):
+            return set()
+        return {Link(room_id, via) for via in allowed if via in self.joined}
 
     def gaps(self) -> list[LinkGap]:
         """Links the bot cannot act on (not empowered in the room, or not in the allowed one)."""

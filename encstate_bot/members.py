@@ -6,12 +6,38 @@ The policy decides on memberships read at send time, never on what a sync said e
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator
 
+from attr import dataclass
 from mautrix.api import Method, Path
 from mautrix.errors import MNotFound
 
 LOOKUP_LIMIT = 3  # above this many users in one room, list the room's members
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A room's joined and invited users, from one member listing."""
+
+    room_id: str
+    joined: list[str]
+    invited: list[str]
+
+    def states(self, user_ids: set[str]) -> dict[str, tuple[str | None, bool]] | None:
+        """What ``Members.states`` would answer for these users, if the listing names them
+        all (None if not): joined and invited users are never removed."""
+        listed = dict.fromkeys(self.invited, "invite")
+        listed.update(dict.fromkeys(self.joined, "join"))
+        if not set(user_ids) <= listed.keys():
+            return None
+        return {u: (listed[u], False) for u in user_ids}
+
+
+# The listings ``Members.states`` answers from in this task (and the tasks it starts), by room:
+# a seal lists the room's members once and decides every wave on that listing.
+_LISTED: ContextVar[dict[str, Listing] | None] = ContextVar("encstate_listed", default=None)
 
 
 class Members:
@@ -22,8 +48,8 @@ class Members:
         resp = await self.client.api.request(Method.GET, Path.v3.rooms[room_id].joined_members)
         return list(resp.get("joined", {}))
 
-    async def joined_and_invited(self, room_id: str) -> tuple[list[str], list[str]]:
-        """(joined, invited) users of the room."""
+    async def listing(self, room_id: str) -> Listing:
+        """The room's joined and invited users, in one member listing."""
         resp = await self.client.api.request(
             Method.GET, Path.v3.rooms[room_id].members, query_params={"not_membership": "leave"}
         )
@@ -38,7 +64,23 @@ class Members:
                 joined.append(evt["state_key"])
             elif membership == "invite":
                 invited.append(evt["state_key"])
-        return joined, invited
+        return Listing(room_id, joined, invited)
+
+    async def joined_and_invited(self, room_id: str) -> tuple[list[str], list[str]]:
+        """(joined, invited) users of the room."""
+        listing = await self.listing(room_id)
+        return listing.joined, listing.invited
+
+    @contextmanager
+    def reusing(self, listing: Listing) -> Iterator[None]:
+        """Within this block, ``states`` answers from ``listing`` for the users it names, in
+        this task and the tasks started in it (no other task sees it): what is decided on it
+        was read when the listing was, as if one listing had been read for all of them."""
+        token = _LISTED.set({**(_LISTED.get() or {}), listing.room_id: listing})
+        try:
+            yield
+        finally:
+            _LISTED.reset(token)
 
     async def memberships(self, room_id: str, user_ids: set[str]) -> dict[str, str | None]:
         """Each user's current membership (None: never a member)."""
@@ -48,7 +90,13 @@ class Members:
         """Each user's membership and whether they were removed (banned, or kicked: a leave
         sent by someone else). One GET per user for a few users; else the joined members in
         one call, and the other memberships (with their senders) only if someone is not
-        joined. A leave whose sender cannot be read counts as removed."""
+        joined. A leave whose sender cannot be read counts as removed. Inside ``reusing``,
+        the listing answers for the users it names."""
+        listing = (_LISTED.get() or {}).get(room_id)
+        if listing is not None:
+            listed = listing.states(user_ids)
+            if listed is not None:
+                return listed
         room = Path.v3.rooms[room_id]
         if len(user_ids) <= LOOKUP_LIMIT:
 

@@ -194,3 +194,38 @@ async def upgrade_v6(conn: Connection) -> None:
             PRIMARY KEY (room_id, session_id, user_id, device_id, trigger)
         )"""
     )
+
+
+@upgrade_table.register(description="The bot account that owns this database (or schema)")
+async def upgrade_v7(conn: Connection) -> None:
+    # encstate's tables have no account column: two bot accounts on one database and schema
+    # would drain each other's queue and adopt each other's seals. The first account to start
+    # claims the one row; another account is refused at start (bot.py).
+    await conn.execute(
+        """CREATE TABLE encstate_owner (
+            id         INTEGER PRIMARY KEY CHECK (id = 0),
+            user_id    TEXT NOT NULL,
+            claimed_ts BIGINT NOT NULL
+        )"""
+    )
+
+
+@upgrade_table.register(description="The outbox's lanes, indexed")
+async def upgrade_v8(conn: Connection) -> None:
+    # Per courier lane (triggers.LANE_TRIGGERS, as the store writes the condition): its items
+    # oldest first, and per room, so a batch is read without a pass over the whole queue (a
+    # join storm queues 100k items) and a busy room's share of it is capped cheaply. Partial
+    # indexes, not one on (lane, id): PostgreSQL would walk the primary key instead, through
+    # every item of the other lanes, whenever it thinks the lane is most of the queue.
+    for name, condition in (
+        ("request", "trigger IN ('request')"),
+        ("fast", "trigger IN ('bot-invite', 'invite', 'join')"),
+        ("push", "trigger NOT IN ('bot-invite', 'invite', 'join', 'request')"),
+    ):
+        await conn.execute(
+            f"CREATE INDEX encstate_outbox_{name} ON encstate_outbox (id) WHERE {condition}"
+        )
+        await conn.execute(
+            f"CREATE INDEX encstate_outbox_{name}_room ON encstate_outbox (room_id, id) "
+            f"WHERE {condition}"
+        )

@@ -15,7 +15,7 @@ This module only enqueues; the courier decides per device at send time and audit
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Iterable
 
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
 
@@ -148,30 +148,55 @@ class Pushes:
             self.acted = current
         for link in sorted(lost):
             self.log.info(f"{link.via} no longer admits into {link.room_id}: nothing more of it")
+        members: dict[str, list[str]] = {}  # an allowed room's members, read once here
         for link in sorted(gained):
             if self.has_state(link.room_id):
-                await self._push_link(link)
+                await self._push_link(link, members=members)
         return gained
 
-    async def reconcile(self, skip: set[Link]) -> None:
+    async def reconcile(
+        self, skip: set[Link], members: dict[str, list[str]] | None = None
+    ) -> None:
         """After a start: members of allowed rooms who joined while the bot was away have no
-        delivery of the restricted room's current state sessions; push to them."""
+        delivery of the restricted room's current state sessions; push to them. One pass reads
+        each allowed room's members once, and the deliveries of its members once (only of the
+        sessions wanted); a restricted room's own members only where someone lacks a key."""
+        wanted: dict[Link, set[tuple[str, int]]] = {}
         for link in sorted(self.links.actionable() - skip):
-            ledger = self.tracker.ledgers.get(link.room_id)
-            if ledger is None:
+            if self.tracker.ledgers.get(link.room_id) is None:
                 continue
-            wanted = {(session_id, 0) for session_id in self.preview_seals(link.room_id)}
-            if not wanted:
-                continue
+            sessions = {(session_id, 0) for session_id in self.preview_seals(link.room_id)}
+            if sessions:
+                wanted[link] = sessions
+        members = {} if members is None else members
+        served: dict[str, dict[str, set[tuple[str, int]]]] = {}  # via -> user -> (session, i)
+        for link, sessions in wanted.items():
             try:
-                users = await self._admitted_users(link)
+                candidates = [
+                    u for u in await self._joined(link.via, members) if u != self.own_user
+                ]
             except (MatrixRequestError, MatrixConnectionError) as e:
                 self.log.warning(f"Could not list the members of {link.via}: {e}")
                 continue
-            served: dict[str, set[tuple[str, int]]] = {}
-            for user_id, _, session_id, index in await self.store.delivered(users):
-                served.setdefault(user_id, set()).add((session_id, index))
-            missing = [u for u in users if not wanted <= served.get(u, set())]
+            if link.via not in served:
+                through = {
+                    s for other, more in wanted.items() if other.via == link.via for s in more
+                }
+                by_user: dict[str, set[tuple[str, int]]] = {}
+                for user_id, session_id, index in await self.store.delivered_sessions(
+                    candidates, {session_id for session_id, _ in through}
+                ):
+                    by_user.setdefault(user_id, set()).add((session_id, index))
+                served[link.via] = by_user
+            lacking = [u for u in candidates if not sessions <= served[link.via].get(u, set())]
+            if not lacking:
+                continue
+            try:
+                own = set(await self._joined(link.room_id, members))
+            except (MatrixRequestError, MatrixConnectionError) as e:
+                self.log.warning(f"Could not list the members of {link.room_id}: {e}")
+                continue
+            missing = [u for u in lacking if u not in own]
             if missing:
                 self.log.info(
                     f"{len(missing)} member(s) of {link.via} lack {link.room_id}'s state keys; "
@@ -182,22 +207,40 @@ class Pushes:
                     for u in missing
                 )
 
-    async def _admitted_users(self, link: Link) -> list[str]:
-        """Members of the allowed room who are not already members of the restricted room."""
-        members = await self.members.joined(link.via)
-        own = set(await self.members.joined(link.room_id))
-        return [u for u in members if u != self.own_user and u not in own]
+    async def _joined(self, room_id: str, members: dict[str, list[str]] | None) -> list[str]:
+        """A room's joined members, read once per pass when given the pass's ``members``."""
+        if members is None:
+            return await self.members.joined(room_id)
+        if room_id not in members:
+            members[room_id] = await self.members.joined(room_id)
+        return members[room_id]
 
-    async def _push_link(self, link: Link, session_id: str | None = None) -> None:
+    async def _admitted_users(
+        self, link: Link, members: dict[str, list[str]] | None = None
+    ) -> list[str]:
+        """Members of the allowed room who are not already members of the restricted room."""
+        via = await self._joined(link.via, members)
+        own = set(await self._joined(link.room_id, members))
+        return [u for u in via if u != self.own_user and u not in own]
+
+    async def _push_link(
+        self,
+        link: Link,
+        session_ids: Iterable[str | None] = (None,),
+        members: dict[str, list[str]] | None = None,
+    ) -> None:
         try:
-            users = await self._admitted_users(link)
+            users = await self._admitted_users(link, members)
         except (MatrixRequestError, MatrixConnectionError) as e:
             self.log.warning(f"Could not list the members of {link.via}: {e}")
             return
-        what = f"session {session_id}" if session_id else "state keys"
-        self.log.info(
-            f"{link.via} admits into {link.room_id}: pushing its {what} to {len(users)} member(s)"
-        )
+        sessions = list(session_ids)
+        for session_id in sessions:
+            what = f"session {session_id}" if session_id else "state keys"
+            self.log.info(
+                f"{link.via} admits into {link.room_id}: pushing its {what} to {len(users)} "
+                "member(s)"
+            )
         await self.courier.submit(
             OutboxItem(
                 room_id=link.room_id,
@@ -206,6 +249,7 @@ class Pushes:
                 via=link.via,
                 session_id=session_id,
             )
+            for session_id in sessions
             for u in users
         )
 
@@ -219,19 +263,23 @@ class Pushes:
         ]
 
     async def on_new_state(
-        self, room_id: str, session_ids: set[str], skip: set[Link] = frozenset()
+        self,
+        room_id: str,
+        session_ids: set[str],
+        skip: set[Link] = frozenset(),
+        members: dict[str, list[str]] | None = None,
     ) -> None:
         """A restricted room gained state sessions: push its new preview seals to its allowed
         rooms' members (but not through ``skip``, links whose members were just sent
-        everything). Sessions the bot did not create never go to them."""
+        everything). Sessions the bot did not create never go to them. Only this room's links
+        are looked at (not the whole graph: a start calls this for every room that gained);
+        ``members``: the member lists already read in this pass (the start's)."""
+        links = self.links.actionable_from(room_id) - skip
+        if not links:
+            return
         session_ids = set(session_ids) & set(self.preview_seals(room_id))
         if not session_ids:
             return
-        links = [
-            link
-            for link in self.links.actionable()
-            if link.room_id == room_id and link not in skip
-        ]
+        members = {} if members is None else members
         for link in sorted(links):
-            for session_id in sorted(session_ids):
-                await self._push_link(link, session_id)
+            await self._push_link(link, sorted(session_ids), members)

@@ -20,7 +20,7 @@ from attr import dataclass, evolve
 from mautrix.api import Method, Path
 from mautrix.crypto.sessions import InboundGroupSession
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
-from mautrix.types import RoomID, SessionID
+from mautrix.types import DeviceIdentity, RoomID, SessionID
 
 from .courier import Courier
 from .ledger import StateRecord
@@ -31,10 +31,13 @@ from .room_keys import encrypt_once
 from .room_policy import RoomPolicies
 from .seals import Seal, SealBook, content_hash, is_preview, needs_seal
 from .store import AuditRow, OutboxItem, Store, now_ms
-from .tasks import stop_all
+from .tasks import settle, stop_all
 from .tracker import Decrypted, Tracker
 from .triggers import Trigger
 
+# A seal's keys go to a room's users in waves of this many (a huge room's devices, trust and
+# Olm work are not all in memory at once).
+SEAL_WAVE_USERS = 2000
 # Changes to a room's state within this window are sealed together, each key at its latest.
 SEAL_DELAY_SECONDS = 0.5
 TICK_SECONDS = 0.1
@@ -277,11 +280,15 @@ class Sealer:
             await self.store.put_seal(seal)
             self.book.finish(seal)
             self.log.info(f"Seal {seal.session_id} of {room_id} was sent as {seal.event_id}")
-            joined, invited = await self.members.joined_and_invited(room_id)
-            approved, _, _ = await self.courier.approved_devices(room_id, joined + invited)
+            listing = await self.members.listing(room_id)
+            with self.members.reusing(listing):  # one member listing, not two
+                approved, _, _ = await self.courier.approved_devices(
+                    room_id, listing.joined + listing.invited
+                )
             preview = is_preview(seal.inner_type, self.config.preview_types)
+            room_key = seal.room_key()  # one dict for every device: its JSON is encoded once
             later = [
-                (a.device, seal.room_key())
+                (a.device, room_key)
                 for a in approved
                 if a.membership != "join" and (preview or a.reach == ALL)
             ]
@@ -296,10 +303,68 @@ class Sealer:
                         session_id=seal.session_id,
                         trigger=Trigger.SEAL,
                     )
-                    for user_id in joined
+                    for user_id in listing.joined
                     if user_id != self.client.mxid
                 ]
             )
+
+    async def _send_to_members(
+        self, room_id: str, made: list[Seal]
+    ) -> tuple[
+        int,
+        int,
+        list[tuple[DeviceIdentity, dict[str, Any]]],
+        list[tuple[DeviceIdentity, dict[str, Any]]],
+        list[AuditRow],
+    ]:
+        """The new seals' keys to the joined members' devices the policy approves: (keys
+        sent, devices, the pairs that did not go out, the invitees' pairs for after the
+        events, the refusals). The room is listed once; its users go in waves of
+        SEAL_WAVE_USERS (the devices, trust and Olm work of one wave in memory at a time),
+        the next wave's devices looked up while this one's keys go out."""
+        listing = await self.members.listing(room_id)
+        users = listing.joined + listing.invited
+        waves = [users[i : i + SEAL_WAVE_USERS] for i in range(0, len(users), SEAL_WAVE_USERS)]
+        # One m.room_key dict per seal, shared by every device: its JSON is encoded once.
+        room_keys = {seal.session_id: seal.room_key() for seal in made}
+        preview = self.config.preview_types
+        keys = devices = 0
+        missed: list[tuple[DeviceIdentity, dict[str, Any]]] = []
+        later_plan: list[tuple[DeviceIdentity, dict[str, Any]]] = []
+        refused: list[AuditRow] = []
+        upcoming: asyncio.Task | None = None
+        with self.members.reusing(listing):
+            try:
+                for index, wave in enumerate(waves):
+                    if upcoming is None:
+                        upcoming = asyncio.create_task(
+                            self.courier.approved_devices(room_id, wave)
+                        )
+                    approved, wave_refused, _ = await upcoming
+                    upcoming = None
+                    if index + 1 < len(waves):
+                        upcoming = asyncio.create_task(
+                            self.courier.approved_devices(room_id, waves[index + 1])
+                        )
+                    refused += wave_refused
+                    members_plan = []
+                    for entry in approved:
+                        for seal in made:
+                            if entry.reach != ALL and not is_preview(seal.inner_type, preview):
+                                continue
+                            target = members_plan if entry.membership == "join" else later_plan
+                            target.append((entry.device, room_keys[seal.session_id]))
+                    del approved
+                    sent, reached, wave_missed = await self.courier.send_room_keys(
+                        room_id,
+                        members_plan,
+                        trigger=Trigger.SEAL,
+                        reason="seal of the current value, before its event",
+                    )
+                    keys, devices, missed = keys + sent, devices + reached, missed + wave_missed
+            finally:
+                settle([upcoming])
+        return keys, devices, missed, later_plan, refused
 
     async def _seal_room(
         self, room_id: str, dry_run: bool, limited: bool, made: list[Seal]
@@ -350,23 +415,8 @@ class Sealer:
             made.append(seal)
             contents[seal.session_id] = own.content
             sources[seal.session_id] = record
-        joined, invited = await self.members.joined_and_invited(room_id)
-        approved, refused, _ = await self.courier.approved_devices(room_id, joined + invited)
-        preview = self.config.preview_types
-        members_plan, later_plan = [], []
-        for entry in approved:
-            for seal in made:
-                if entry.reach != ALL and not is_preview(seal.inner_type, preview):
-                    continue
-                target = members_plan if entry.membership == "join" else later_plan
-                target.append((entry.device, seal.room_key()))
         # Keys first: Element's engine decrypts a state event once, when it arrives.
-        keys, devices, missed = await self.courier.send_room_keys(
-            room_id,
-            members_plan,
-            trigger=Trigger.SEAL,
-            reason="seal of the current value, before its event",
-        )
+        keys, devices, missed, later_plan, refused = await self._send_to_members(room_id, made)
         ledger = self.tracker.ledger(room_id)
         sent: list[Seal] = []
         for seal in made:

@@ -14,7 +14,7 @@ from . import sql
 from .ledger import MessageRecord, MessageStatus, StateRecord, Status
 from .policy import IDENTITY_CHANGED
 from .seals import Seal
-from .triggers import FAST, Trigger
+from .triggers import FAST, LANE_TRIGGERS, LANES, PUSH_LANE, REQUEST_LANE, Trigger
 
 
 def now_ms() -> int:
@@ -494,27 +494,97 @@ class Store:
                 )
         return len(args)
 
-    @staticmethod
-    def _lane(requests: bool) -> str:
-        # the fast lane: answers, and the work for one newcomer waiting to read the room
-        fast = "trigger IN (" + ", ".join(f"'{t}'" for t in sorted(FAST)) + ")"
-        return fast if requests else f"NOT ({fast})"
+    @classmethod
+    def _lane(cls, lane: str) -> str:
+        """The condition on a lane's items, exactly as migration v8 indexed it."""
+        if lane not in LANES:
+            raise ValueError(f"no lane {lane!r}")
+        if lane == PUSH_LANE:
+            return f"trigger NOT IN ({cls._listed(FAST)})"
+        return f"trigger IN ({cls._listed(LANE_TRIGGERS[lane])})"
 
-    async def due(
-        self, limit: int, requests: bool, per_room: int | None = None
-    ) -> list[OutboxItem]:
-        """Due queue items of one lane (the fast one, or bulk pushes), oldest first, at most
-        ``per_room`` from any one room so a busy room cannot starve the others."""
+    @staticmethod
+    def _listed(triggers: Iterable[str]) -> str:
+        return ", ".join(f"'{t}'" for t in sorted(str(t) for t in triggers))
+
+    _OUTBOX_COLUMNS = (
+        "id, room_id, user_id, device_id, session_id, trigger, request_id, via, enqueued, "
+        "attempts, not_before"
+    )
+
+    @classmethod
+    def _rooms(cls, lane: str, now: int = 0, after: int = 0) -> str:
+        """The rooms with items in a lane, each with its oldest item due at ``now`` (ms) after
+        item ``after`` (NULL if none): one step through the lane's (room_id, id) index per
+        room, and past the room's items in backoff after ``after``, however many items each
+        holds. (The steps order by room_id, and the item is found as the first in a range of
+        one room: given room_id=x and ORDER BY id, PostgreSQL may walk the lane by id instead.)
+        ``now`` and ``after`` are written into the query as numbers."""
+        where = cls._lane(lane)
+        return (
+            "WITH RECURSIVE rooms(room_id) AS ("
+            f"SELECT (SELECT room_id FROM encstate_outbox WHERE {where} ORDER BY room_id LIMIT 1) "
+            "UNION ALL SELECT (SELECT o.room_id FROM encstate_outbox o "
+            f"WHERE {where} AND o.room_id > rooms.room_id ORDER BY o.room_id LIMIT 1) "
+            "FROM rooms WHERE rooms.room_id IS NOT NULL) "
+            f"SELECT room_id, (SELECT o.id FROM encstate_outbox o WHERE {where} "
+            f"AND (o.room_id, o.id) > (rooms.room_id, {int(after)}) "
+            f"AND o.room_id <= rooms.room_id AND o.not_before <= {int(now)} "
+            "ORDER BY o.room_id, o.id LIMIT 1) AS first "
+            "FROM rooms WHERE room_id IS NOT NULL"
+        )
+
+    async def due(self, limit: int, lane: str, per_room: int | None = None) -> list[OutboxItem]:
+        """Due queue items of one lane (``triggers.LANES``), oldest first, at most ``per_room``
+        from any one room so a busy room cannot starve the others: the oldest ``limit`` items,
+        and where a room had more than its share of them, the rest of the batch from the other
+        rooms, each up to its share, the room with the oldest due item first (an item in backoff
+        does not count: its room waits as long as its due items do). Reads about ``limit`` rows
+        through the lane's indexes (and one index step per room that has items, and its items
+        in backoff after the oldest ``limit``), however long the queue is."""
+        now = now_ms()
+        share = per_room or limit
+        where = self._lane(lane)
         rows = await self.db.fetch(
-            "SELECT id, room_id, user_id, device_id, session_id, trigger, request_id, via, "
-            "enqueued, attempts, not_before FROM (SELECT *, ROW_NUMBER() OVER "
-            "(PARTITION BY room_id ORDER BY id) AS room_rank FROM encstate_outbox "
-            f"WHERE {self._lane(requests)} AND not_before <= $1) AS due "
-            "WHERE room_rank <= $2 ORDER BY id LIMIT $3",
-            now_ms(),
-            per_room or limit,
+            f"SELECT {self._OUTBOX_COLUMNS} FROM encstate_outbox "
+            f"WHERE {where} AND not_before <= $1 ORDER BY id LIMIT $2",
+            now,
             limit,
         )
+        taken: dict[str, int] = {}
+        batch = []
+        for r in rows:
+            if taken.get(r["room_id"], 0) < share:
+                taken[r["room_id"]] = taken.get(r["room_id"], 0) + 1
+                batch.append(r)
+        if len(rows) == limit and len(batch) < limit:  # a room had more than its share
+            last = rows[-1]["id"]
+            # Each room's oldest due item: for a room among the rows, its first there; for the
+            # others (all their due items come after the last row), the first due after it.
+            oldest: dict[str, int] = {}
+            for r in rows:
+                oldest.setdefault(r["room_id"], r["id"])
+            others = sorted(
+                (oldest.get(r["room_id"], r["first"]), r["room_id"])
+                for r in await self.db.fetch(self._rooms(lane, now, last))
+                if r["first"] is not None and taken.get(r["room_id"], 0) < share
+            )
+            for _, room_id in others:
+                wanted = min(limit - len(batch), share - taken.get(room_id, 0))
+                if wanted <= 0:
+                    break
+                # the room's items after the last one read, in its (room_id, id) index
+                # (written as a range: with room_id=$1 PostgreSQL may walk the lane by id)
+                batch += await self.db.fetch(
+                    f"SELECT {self._OUTBOX_COLUMNS} FROM encstate_outbox WHERE {where} AND "
+                    "(room_id, id) > ($1, $2) AND room_id <= $1 AND not_before <= $3 "
+                    "ORDER BY room_id, id LIMIT $4",
+                    room_id,
+                    last,
+                    now,
+                    wanted,
+                )
+            batch.sort(key=lambda r: r["id"])
         return [
             OutboxItem(
                 id=r["id"],
@@ -529,12 +599,23 @@ class Store:
                 attempts=r["attempts"],
                 not_before=r["not_before"],
             )
-            for r in rows
+            for r in batch
         ]
 
-    async def next_due_ms(self, requests: bool) -> int | None:
+    async def next_due_ms(self, lane: str) -> int | None:
         return await self.db.fetchval(
-            f"SELECT MIN(not_before) FROM encstate_outbox WHERE {self._lane(requests)}"
+            f"SELECT MIN(not_before) FROM encstate_outbox WHERE {self._lane(lane)}"
+        )
+
+    async def queued(self, lane: str, at_most: int) -> int:
+        """How many items a lane holds, counted up to ``at_most`` (reads no more rows)."""
+        return int(
+            await self.db.fetchval(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM encstate_outbox "
+                f"WHERE {self._lane(lane)} LIMIT $1) AS head",
+                at_most,
+            )
+            or 0
         )
 
     async def lowest_delivered(self, room_id: str) -> dict[str, int]:
@@ -551,12 +632,14 @@ class Store:
         """Per lane ("fast", "bulk"): how many items are queued, and the oldest one's enqueue
         time (ms)."""
         stats: dict[str, tuple[int, int | None]] = {}
-        for lane, requests in (("fast", True), ("bulk", False)):
+        for name, where in (
+            ("fast", f"trigger IN ({self._listed(FAST)})"),
+            ("bulk", self._lane(PUSH_LANE)),
+        ):
             row = await self.db.fetchrow(
-                "SELECT COUNT(*) AS n, MIN(enqueued) AS oldest FROM encstate_outbox "
-                f"WHERE {self._lane(requests)}"
+                f"SELECT COUNT(*) AS n, MIN(enqueued) AS oldest FROM encstate_outbox WHERE {where}"
             )
-            stats[lane] = (int(row["n"] or 0), row["oldest"])
+            stats[name] = (int(row["n"] or 0), row["oldest"])
         return stats
 
     async def seal_count(self) -> int:
@@ -652,18 +735,12 @@ class Store:
         )
 
     async def cancel_request(self, user_id: str, device_id: str, request_id: str) -> int:
-        rows = await self.db.fetch(
-            "SELECT id FROM encstate_outbox WHERE user_id=$1 AND device_id=$2 AND request_id=$3",
-            user_id,
-            device_id,
-            request_id,
-        )
-        await self.db.execute(
-            "DELETE FROM encstate_outbox WHERE user_id=$1 AND device_id=$2 AND request_id=$3",
-            user_id,
-            device_id,
-            request_id,
-        )
+        # answers wait in the request lane: a join storm's items are not read
+        lane = self._lane(REQUEST_LANE)
+        where = f"WHERE {lane} AND user_id=$1 AND device_id=$2 AND request_id=$3"
+        args = (user_id, device_id, request_id)
+        rows = await self.db.fetch(f"SELECT id FROM encstate_outbox {where}", *args)
+        await self.db.execute(f"DELETE FROM encstate_outbox {where}", *args)
         return len(rows)
 
     async def retry_later(self, ids: Iterable[int], delay_ms: int) -> None:
@@ -733,4 +810,113 @@ class Store:
             found |= {
                 (r["user_id"], r["device_id"], r["session_id"], r["msg_index"]) for r in rows
             }
+        return found
+
+    # The owner ----------------------------------------------------------------------------------
+
+    async def claim_owner(self, user_id: str) -> tuple[str, int]:
+        """Claim the database (its one ``encstate_owner`` row) for this bot account unless an
+        account has; return the owner and when it claimed (ms), ``user_id`` if it was free.
+
+        A database encstate used before the owner row existed (migration v7 adds it empty)
+        holds one account's data: the row goes to that account, as the data names it, in the
+        same statement (two bots starting at once read the same evidence; one insert wins).
+        The sender of the newest seal's event (the seals are the bot's own sessions, and their
+        events came back with the sender the homeserver gave them); failing that, in standalone
+        mode, the one account of the crypto store in this schema, if encstate has data here.
+        Without evidence the row goes to ``user_id``."""
+        evidence = [
+            "(SELECT e.sender FROM encstate_seal s JOIN encstate_state_event e "
+            "ON e.room_id = s.room_id AND e.event_id = s.event_id "
+            "ORDER BY s.created_ts DESC, s.session_id LIMIT 1)"
+        ]
+        if await self._has_crypto_account():
+            evidence.append(
+                "(SELECT MIN(account_id) FROM crypto_account HAVING COUNT(*) = 1 AND ("
+                + " OR ".join(f"EXISTS(SELECT 1 FROM {table})" for table in self._DATA_TABLES)
+                + "))"
+            )
+        await self.db.execute(
+            "INSERT INTO encstate_owner (id, user_id, claimed_ts) "
+            f"SELECT 0, COALESCE({', '.join(evidence)}, $1), $2 "
+            "WHERE NOT EXISTS(SELECT 1 FROM encstate_owner) "  # (and SQLite needs a WHERE)
+            "ON CONFLICT (id) DO NOTHING",
+            user_id,
+            now_ms(),
+        )
+        row = await self.db.fetchrow("SELECT user_id, claimed_ts FROM encstate_owner WHERE id = 0")
+        return row["user_id"], row["claimed_ts"]
+
+    # what a bot that ran leaves behind (its rooms, queue, audit, seals)
+    _DATA_TABLES = ("encstate_room", "encstate_outbox", "encstate_audit", "encstate_seal")
+
+    async def _has_crypto_account(self) -> bool:
+        """Whether mautrix's crypto store has its accounts table in this database and schema
+        (the standalone mode keeps it there, keyed by account; a maubot server keeps it in its
+        own database)."""
+        if self.db.scheme == Scheme.SQLITE:
+            query = (
+                "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type='table' "
+                "AND name='crypto_account')"
+            )
+        else:  # the schema encstate's tables are in, not another one on the search path
+            query = (
+                "SELECT to_regclass(quote_ident(current_schema()) || '.crypto_account') "
+                "IS NOT NULL"
+            )
+        return bool(await self.db.fetchval(query))
+
+    # The sync position --------------------------------------------------------------------------
+    # ``encstate_sync_position`` (one row: id 0, next_batch, saved_ts) needs a migration; until
+    # the table exists the position is neither read nor written (every start then reads back
+    # every state-encrypted room's timeline).
+
+    async def _position_table(self) -> bool:
+        known = getattr(self, "_has_position_table", None)
+        if known is None:
+            if self.db.scheme == Scheme.SQLITE:
+                query = (
+                    "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type='table' "
+                    "AND name='encstate_sync_position')"
+                )
+            else:  # this schema only (maubot gives every instance its own)
+                query = "SELECT to_regclass('encstate_sync_position') IS NOT NULL"
+            known = self._has_position_table = bool(await self.db.fetchval(query))
+        return known
+
+    async def sync_position(self) -> str | None:
+        """The sync token up to which every event of the state-encrypted rooms was processed."""
+        if not await self._position_table():
+            return None
+        return await self.db.fetchval("SELECT next_batch FROM encstate_sync_position WHERE id = 0")
+
+    async def put_sync_position(self, next_batch: str) -> None:
+        if not await self._position_table():
+            return
+        await self.db.execute(
+            "INSERT INTO encstate_sync_position (id, next_batch, saved_ts) VALUES (0, $1, $2) "
+            "ON CONFLICT (id) DO UPDATE SET next_batch=excluded.next_batch, "
+            "saved_ts=excluded.saved_ts",
+            next_batch,
+            now_ms(),
+        )
+
+    async def delivered_sessions(
+        self, user_ids: Iterable[str], session_ids: Iterable[str]
+    ) -> set[tuple[str, str, int]]:
+        """(user, session, index) of what was delivered to any device of these users, of these
+        sessions only (``delivered`` returns every session of the users, in every room)."""
+        users = sorted(set(user_ids))
+        sessions = sorted(set(session_ids))
+        found: set[tuple[str, str, int]] = set()
+        for some_sessions in sql.chunks(sessions, sql.IN_CHUNK // 2):
+            for some_users in sql.chunks(users):
+                rows = await self.db.fetch(
+                    "SELECT DISTINCT user_id, session_id, msg_index FROM encstate_delivered "
+                    f"WHERE session_id IN ({sql.placeholders(len(some_sessions))}) AND user_id "
+                    f"IN ({sql.placeholders(len(some_users), len(some_sessions))})",
+                    *some_sessions,
+                    *some_users,
+                )
+                found |= {(r["user_id"], r["session_id"], r["msg_index"]) for r in rows}
         return found

@@ -126,12 +126,19 @@ class Tracker:
         # rooms whose latest events could not be recorded: (events, current) batches in order,
         # retried before anything newer is written; nothing of such a room is shared meanwhile
         self.backlog: dict[str, list[tuple[list[dict[str, Any]], bool]]] = {}
+        # rooms whose backlog overflowed: events were dropped, to be read again at the next start
+        self.overflowed: set[str] = set()
+        # the event ids first recorded since this start, while the start-up rescan runs (a
+        # catch-up without a sync position stops at events known from before the start)
+        self.fresh: set[str] | None = set()
+        self._flags: dict[str, str | None] = {}  # room -> the state flag as stored
         self.own_user = own_user
 
     # Loading ------------------------------------------------------------------------------------
 
     async def load(self) -> None:
         for row in await self.store.rooms():
+            self._flags[row.room_id] = row.state_flag
             if row.state_flag:
                 self.ledgers.setdefault(row.room_id, RoomLedger(row.room_id))
             if row.backfilled:
@@ -184,8 +191,10 @@ class Tracker:
         changed = view.apply(raw)
         if view.state_flag != before and view.state_flag is not None:
             self.ledger(room_id)
-            await self.store.put_room_flag(room_id, view.state_flag)
-            self.log.info(f"State encryption is on in {room_id} ({view.state_flag})")
+            if self._flags.get(room_id) != view.state_flag:  # (a rescan reads it again)
+                await self.store.put_room_flag(room_id, view.state_flag)
+                self._flags[room_id] = view.state_flag
+                self.log.info(f"State encryption is on in {room_id} ({view.state_flag})")
         return changed
 
     # Encrypted events ---------------------------------------------------------------------------
@@ -211,6 +220,8 @@ class Tracker:
         if waiting is not None:
             if sum(len(events) for events, _ in waiting) < MAX_BACKLOG_EVENTS:
                 waiting.append(batch)
+            else:
+                self.overflowed.add(room_id)
             # else: the room stays incomplete and nothing newer is written, so the catch-up at
             # the next start reads these events again; memory stays bounded meanwhile.
             return await self.flush(room_id)
@@ -296,6 +307,8 @@ class Tracker:
                         ciphertext=parsed_msg.ciphertext,
                     )
                 )
+        # (a rescan reads every current event again: only what changed is written)
+        latest = {k: e for k, e in latest.items() if ledger.server_current.get(k) != e}
         if not states and not messages and not latest:
             return set()
         # Write-ahead: undecided records (with their ciphertexts) reach the database before the
@@ -304,6 +317,9 @@ class Tracker:
         await self.store.put_messages(messages)
         if latest:
             await self.store.put_server_current(room_id, latest)
+        if self.fresh is not None:
+            self.fresh.update(rec.event_id for rec in states)
+            self.fresh.update(msg.event_id for msg in messages)
         for rec in states:
             ledger.add_state(rec)
         for msg in messages:

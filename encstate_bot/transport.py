@@ -9,9 +9,9 @@ nothing and records nothing: the caller hears about every call that went through
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+from collections import defaultdict, deque
 import logging
-from typing import Any, Awaitable, Callable, Generic, TypeVar
+from typing import Any, Awaitable, Callable, Generic, Iterable, TypeVar
 
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
 from mautrix.types import DeviceIdentity, EventType
@@ -22,7 +22,9 @@ from .tasks import settle
 
 MAX_PER_CALL = 250
 ENCRYPT_SLICE = 100  # Olm messages a bulk delivery encrypts before letting the fast lane in
-TOGETHER_ROUNDS = 32  # calls sent at once to one device, below Olm's 40 skipped message keys
+# calls sent at once to one device, below Olm's 40 skipped message keys: one delivery at a time
+# sends to a device (Transport.devices), so this bounds all lanes together
+TOGETHER_ROUNDS = 32
 WITHHELD_TYPES = (EventType.ROOM_KEY_WITHHELD, EventType.ORG_MATRIX_ROOM_KEY_WITHHELD)
 
 T = TypeVar("T")
@@ -52,6 +54,71 @@ def rounds(messages: list[tuple[str, str, Any]]) -> list[list[tuple[str, str, An
     return chunks
 
 
+class DeviceLeases:
+    """One delivery at a time per device (by Curve25519 identity key), from encrypting its
+    messages until the last of their calls came back.
+
+    Every delivery encrypts with the same Olm session of a device, so two at once interleave
+    its ratchet: a newcomer's join push (fast lane) and its key requests (request lane), or a
+    bulk push, would each have their messages in flight, and the homeserver may commit a later
+    one more than 40 message keys (libolm, vodozemac) ahead of an earlier one, which is then
+    lost. Held by one delivery, a device's messages go out in ratchet order, at most
+    TOGETHER_ROUNDS uncommitted at once, whatever the lanes do. A delivery takes its group's
+    devices in key order (no two wait for each other) and gives each back once its last
+    message went; one waited for stops pausing for the fast lane (``wanted``), so it never
+    holds up the delivery that waits."""
+
+    def __init__(self) -> None:
+        self.holder: dict[str, _Delivery] = {}
+        self.queue: dict[str, deque[tuple[_Delivery, asyncio.Future]]] = {}
+
+    async def take(self, delivery: _Delivery, keys: Iterable[str]) -> None:
+        for key in sorted(keys):
+            holder = self.holder.get(key)
+            if holder is None:
+                self.holder[key] = delivery
+                delivery.held.add(key)
+                continue
+            if holder is delivery:
+                continue
+            turn = asyncio.get_running_loop().create_future()
+            self.queue.setdefault(key, deque()).append((delivery, turn))
+            holder.wanted.set()
+            try:
+                await turn  # give() hands the device over
+            except asyncio.CancelledError:
+                queue = self.queue.get(key)
+                if queue is not None and (delivery, turn) in queue:
+                    queue.remove((delivery, turn))
+                    if not queue:
+                        del self.queue[key]
+                    if not any(k in self.queue for k in holder.held):
+                        holder.wanted.clear()
+                raise  # a device handed over is in delivery.held: the delivery gives it back
+
+    def give(self, delivery: _Delivery, keys: Iterable[str]) -> None:
+        for key in list(keys):
+            if key not in delivery.held:
+                continue
+            delivery.held.discard(key)
+            queue = self.queue.get(key)
+            while queue:
+                successor, turn = queue.popleft()
+                if not turn.done():
+                    self.holder[key] = successor
+                    successor.held.add(key)
+                    turn.set_result(None)
+                    if queue:
+                        successor.wanted.set()
+                    break
+            else:
+                del self.holder[key]
+            if queue is not None and not queue:
+                del self.queue[key]
+        if not any(key in self.queue for key in delivery.held):
+            delivery.wanted.clear()
+
+
 class Transport:
     def __init__(self, client: Any, bulk: BulkOlm, log: logging.Logger) -> None:
         self.client = client
@@ -61,6 +128,8 @@ class Transport:
         # calls and encryption slices, so an answer or a newcomer's keys go first.
         self.fast_idle = asyncio.Event()
         self.fast_idle.set()
+        # which delivery may encrypt for and send to each device right now
+        self.devices = DeviceLeases()
         self.sent_calls = 0  # sendToDevice calls that carried Olm messages, for tests and status
         self.failed_calls = 0  # and those that failed (the metrics)
 
@@ -126,10 +195,23 @@ class _Delivery(Generic[T]):
         self.failed: list[T] = []
         self.no_olm: list[T] = []
         self.calls = 0
+        # each content's JSON, encoded once for the whole delivery (the plan keeps every
+        # content alive until the delivery ends, so the ids it is keyed by stay unique)
+        self.encoded: dict[int, str] = {}
+        self.held: set[str] = set()  # the devices this delivery holds (DeviceLeases)
+        self.wanted = asyncio.Event()  # another delivery waits for one of them
 
     async def pause_for_fast_lane(self) -> None:
-        if not self.together:
-            await self.transport.fast_idle.wait()
+        """A bulk delivery waits while the fast lane works, unless another delivery waits for
+        one of its devices (that one would wait for the fast lane too: a request lane's answer
+        to a device a bulk push holds, or a bulk delivery the fast lane waits for)."""
+        idle = self.transport.fast_idle
+        while not (self.together or idle.is_set() or self.wanted.is_set()):
+            waits = [asyncio.ensure_future(idle.wait()), asyncio.ensure_future(self.wanted.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                settle(waits)
 
     async def run(self) -> None:
         self.existing = await self.bulk.store.latest_sessions(self.per_device)
@@ -152,6 +234,7 @@ class _Delivery(Generic[T]):
                 in_flight = None
         finally:
             settle([in_flight, *self.claims, *self.made])
+            self.transport.devices.give(self, self.held)
 
     # One-time keys and Olm sessions, a group ahead ---------------------------------------------
 
@@ -195,6 +278,9 @@ class _Delivery(Generic[T]):
                 entries += self.per_device[key]
             else:
                 self.no_olm += [entry[3] for entry in self.per_device[key]]
+        # No other delivery encrypts for these devices until their messages went (Olm's 40
+        # skipped message keys across all lanes, DeviceLeases)
+        await self.transport.devices.take(self, [key for key in group if key in sessions])
         # A bulk delivery encrypts in slices and lets the fast lane take the Olm lock between
         # them (both lanes use the same cached session objects, each slice stores the ratchets
         # it moved, so nothing forks).
@@ -210,6 +296,7 @@ class _Delivery(Generic[T]):
                         for device, event_type, content, _ in entries[start : start + step]
                     ],
                     sessions,
+                    self.encoded,
                 )
         by_round: list[list[Encrypted]] = []
         depth: dict[str, int] = {}
@@ -224,16 +311,30 @@ class _Delivery(Generic[T]):
     # Sending ------------------------------------------------------------------------------------
 
     async def deliver(self, by_round: list[list[Encrypted]]) -> int:
-        if self.together:
-            # At most TOGETHER_ROUNDS messages per device in flight at once: a receiver keeps
-            # only 40 skipped Olm message keys (libolm, vodozemac), so the homeserver must
-            # never store one of a device's messages behind 40 later ones.
-            done = 0
-            for start in range(0, len(by_round), TOGETHER_ROUNDS):
-                window = by_round[start : start + TOGETHER_ROUNDS]
+        # each device goes back to the other deliveries once the call with its last message
+        # came back (DeviceLeases)
+        last: dict[str, int] = {}
+        for level, messages in enumerate(by_round):
+            for entry, _ in messages:
+                last[entry[0].identity_key] = level
+        finished: list[list[str]] = [[] for _ in by_round]
+        for key, level in last.items():
+            finished[level].append(key)
+        # At most TOGETHER_ROUNDS messages per device in flight at once: a receiver keeps only
+        # 40 skipped Olm message keys (libolm, vodozemac), so the homeserver must never store
+        # one of a device's messages behind 40 later ones.
+        step = TOGETHER_ROUNDS if self.together else 1
+        done = 0
+        for start in range(0, len(by_round), step):
+            window = by_round[start : start + step]
+            if self.together:
                 done += sum(await asyncio.gather(*(self.call(messages) for messages in window)))
-            return done
-        return sum([await self.call(messages) for messages in by_round])
+            else:
+                done += await self.call(window[0])
+            self.transport.devices.give(
+                self, [key for keys in finished[start : start + step] for key in keys]
+            )
+        return done
 
     async def call(self, messages: list[Encrypted]) -> int:
         await self.pause_for_fast_lane()

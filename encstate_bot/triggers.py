@@ -23,7 +23,7 @@ class Trigger(str, Enum):
         return self.value
 
 
-# Someone is waiting: these go through the fast lane, ahead of bulk pushes.
+# Someone is waiting: these go ahead of bulk pushes, their calls at once.
 FAST = frozenset({Trigger.REQUEST, Trigger.JOIN, Trigger.INVITE, Trigger.BOT_INVITE})
 # Nobody asked: never the same (device, session, index) twice, and nothing to someone not
 # joined except the seals within their reach. Requests and an admin's share are always answered.
@@ -31,6 +31,27 @@ UNASKED = frozenset({Trigger.JOIN, Trigger.INVITE, Trigger.LINK, Trigger.BOT_INV
 
 
 def is_fast(trigger: str) -> bool:
-    """Whether work with this trigger goes through the fast lane (a plain string, as read back
-    from the database, counts the same)."""
+    """Whether someone waits for work with this trigger (a plain string, as read back from the
+    database, counts the same)."""
     return trigger in FAST
+
+
+# The courier's lanes, each drained by a task of its own. An answer to a request has a lane to
+# itself, so a join storm's batches (thousands of newcomers) never stand between it and the
+# courier; a newcomer's keys go through the fast lane; bulk pushes pause for both. The outbox
+# has indexes for exactly these trigger sets (migrations.upgrade_v8): moving a trigger to
+# another lane needs new ones (tests/unit/test_outbox_lanes.py checks each lane uses its own).
+REQUEST_LANE = "request"
+FAST_LANE = "fast"
+PUSH_LANE = "push"
+LANES = (REQUEST_LANE, FAST_LANE, PUSH_LANE)
+# the triggers of the two lanes someone waits for; the push lane takes every other
+LANE_TRIGGERS = {REQUEST_LANE: frozenset({Trigger.REQUEST}), FAST_LANE: FAST - {Trigger.REQUEST}}
+
+
+def lane(trigger: str) -> str:
+    """The lane work with this trigger goes through."""
+    for name, triggers in LANE_TRIGGERS.items():
+        if trigger in triggers:
+            return name
+    return PUSH_LANE

@@ -65,9 +65,15 @@ class BotProcess:
         log_level: str = "DEBUG",
         homeserver: str | None = None,
         ignore_first_sync: bool = True,
+        database_opts: dict[str, Any] | None = None,
+        schema: str | None = None,
     ) -> None:
         """``ignore_first_sync``: maubot's default skips the first sync after a start; false
-        lets the client's Olm machine take the room keys in it (README, standalone)."""
+        lets the client's Olm machine take the room keys in it (README, standalone).
+        ``database_opts``: more of the standalone config's ``database_opts`` (asyncpg's pool
+        arguments), merged into the defaults. ``schema``: the PostgreSQL schema the bot keeps
+        all its tables in, set as the README tells standalone operators to
+        (``server_settings: {search_path: <schema>}``); the schema must exist."""
         self.synapse = synapse
         self.ignore_first_sync = ignore_first_sync
         self.homeserver = homeserver or synapse.url
@@ -77,6 +83,12 @@ class BotProcess:
         self.workdir = workdir or tempfile.mkdtemp(prefix="encstate-bot-")
         self.database = database or f"sqlite:{os.path.join(self.workdir, 'bot.db')}"
         self.plugin_config = merge(plugin_defaults(), plugin_config or {})
+        self.schema = schema
+        self.database_opts = merge({"min_size": 1, "max_size": 10}, database_opts or {})
+        if schema is not None:
+            self.database_opts = merge(
+                self.database_opts, {"server_settings": {"search_path": schema}}
+            )
         self.log_level = log_level
         self.proc: subprocess.Popen | None = None
         self._log_offset = 0
@@ -120,7 +132,7 @@ class BotProcess:
             },
             "database": self.database,
             "crypto_db_pickle_key": "encstate-test",
-            "database_opts": {"min_size": 1, "max_size": 10},
+            "database_opts": self.database_opts,
             "plugin_config": self.plugin_config,
             "logging": {
                 "version": 1,

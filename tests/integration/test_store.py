@@ -8,6 +8,7 @@ import pytest_asyncio
 from encstate_bot.ledger import MessageStatus, Status
 from encstate_bot.migrations import upgrade_table
 from encstate_bot.store import AuditRow, OutboxItem, Store
+from encstate_bot.triggers import FAST_LANE, PUSH_LANE, REQUEST_LANE
 
 from ..unit.helpers import ROOM, message, state
 
@@ -56,16 +57,16 @@ async def test_queue_audit_and_delivery(store: Store) -> None:
             OutboxItem(room_id=ROOM, user_id="@n:x", trigger="join"),  # a newcomer: fast lane
         ]
     )
-    pushes = await store.due(10, requests=False)
-    requests = await store.due(10, requests=True)
+    pushes = await store.due(10, PUSH_LANE)
     assert [i.user_id for i in pushes] == ["@a:x"]
-    assert sorted(i.user_id for i in requests) == ["@b:x", "@n:x"]
+    assert [i.user_id for i in await store.due(10, REQUEST_LANE)] == ["@b:x"]
+    (newcomer,) = await store.due(10, FAST_LANE)
+    assert newcomer.user_id == "@n:x"
     assert await store.cancel_request("@b:x", "D", "r1") == 1
-    newcomer = next(i for i in requests if i.user_id == "@n:x")
     await store.finish([newcomer.id], [])
-    assert await store.due(10, requests=True) == []
+    assert await store.due(10, REQUEST_LANE) == [] and await store.due(10, FAST_LANE) == []
     await store.retry_later([pushes[0].id], 60_000)
-    assert await store.due(10, requests=False) == []
+    assert await store.due(10, PUSH_LANE) == []
     assert await store.pending_count(ROOM) == 1
     audit = AuditRow(
         room_id=ROOM,

@@ -34,7 +34,7 @@ from encstate_bot.policy import RoomFacts
 from encstate_bot.ratelimit import RequestGate
 from encstate_bot.seals import SealBook
 from encstate_bot.store import OutboxItem, Store
-from encstate_bot.triggers import Trigger
+from encstate_bot.triggers import REQUEST_LANE, Trigger
 
 from .helpers import ROOM, state
 
@@ -141,9 +141,9 @@ def request(request_id: str) -> OutboxItem:
 
 
 async def answer(store: Store, courier: Courier, item: OutboxItem) -> None:
-    """The request arrives (queued) and the fast lane takes it up."""
+    """The request arrives (queued) and the request lane takes it up."""
     await store.enqueue([item])
-    await courier.deliver(await store.due(10, requests=True))
+    await courier.deliver(await store.due(10, REQUEST_LANE))
 
 
 # Late keys --------------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ async def test_finding_a_cancellation_while_the_request_is_decided_is_answered_a
     gather.during_batch = cancelled_meanwhile
     await answer(store, courier, request("req-1"))
     await courier.release(ROOM, {PENDING})  # the key arrives
-    answered = [i.request_id for i in await store.due(10, requests=True)]
+    answered = [i.request_id for i in await store.due(10, REQUEST_LANE)]
     assert answered == [], (
         f"the cancelled request {answered} is queued to be answered once the key arrived "
         f"({await store.waits_count()} wait(s) left)"
@@ -189,7 +189,7 @@ async def test_finding_every_request_id_keeps_its_own_wait_without_bound(store: 
         await answer(store, courier, request(f"again-{n}"))
     rows = await store.waits_count()
     await courier.release(ROOM, {PENDING})
-    queued = await store.due(100, requests=True)
+    queued = await store.due(100, REQUEST_LANE)
     assert rows == 1 and len(queued) == 1, (
         f"one device waiting for one session holds {rows} rows, and the key's arrival queues "
         f"{len(queued)} answers of the same key to it"
