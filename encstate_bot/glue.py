@@ -206,13 +206,18 @@ async def _resolve_trust_many(
     missing = [u for u in users if not keys.get(u) and u not in crypto._cs_fetch_attempted]
     if missing:
         async with crypto._fetch_keys_lock:
-            missing = [u for u in missing if u not in crypto._cs_fetch_attempted]
-            crypto._cs_fetch_attempted.update(missing)
-            for chunk in chunks(missing, TRUST_FETCH_CHUNK):
+            # Whoever held the lock meanwhile may have fetched some of them already.
+            fetch = [u for u in missing if u not in crypto._cs_fetch_attempted]
+            for chunk in chunks(fetch, TRUST_FETCH_CHUNK):
                 try:
                     await crypto._fetch_keys(list(chunk))
                 except Exception:  # as resolve_trust: those devices are not cross-signed
                     log.exception(f"Fetching the keys of {len(chunk)} user(s) for trust failed")
+                # Only once the query finished (or failed, as mautrix counts it): a
+                # cancelled query leaves its users and later chunks to be fetched again.
+                crypto._cs_fetch_attempted.update(chunk)
+        # As resolve_trust, re-read every user that had no keys, whoever fetched them: keys
+        # another resolver stored while this one waited for the lock count too.
         keys.update(await bulk.cross_signing_keys(missing))
     signed = await bulk.self_signatures(users)
     trusted: dict[str, bool] = {}
