@@ -132,7 +132,8 @@ class Intake:
         self._filling: dict[str, int] = {}
         self._lost: set[str] = set()
         self._sync_seen = False
-        self._gained_at_start: dict[str, set[str]] = {}
+        # room -> session -> when it gained: gains while the rescan runs, for its pass
+        self._gained_at_start: dict[str, dict[str, float]] = {}
         self._restore_receivers: Any = None
         self._raw_requests = RawRequestWarnings()
         self._tasks: list[asyncio.Task] = []
@@ -263,7 +264,7 @@ class Intake:
             self.sealer.mark(room_id)
             await self.pushes.on_new_state(room_id, session_ids)
         else:
-            self._gained_at_start.setdefault(room_id, set()).update(session_ids)
+            self._gained_at_start.setdefault(room_id, {}).update(sessions)
         await self.courier.release(room_id, session_ids)
 
     # Sync ---------------------------------------------------------------------------------------
@@ -425,10 +426,10 @@ class Intake:
             await self.react()
             pushed = await self.pushes.refresh_links()
             members: dict[str, list[str]] = {}  # each room's members, read once in this pass
-            for room_id, session_ids in self._gained_at_start.items():
-                await self.pushes.on_new_state(room_id, session_ids, pushed, members)
+            parked, self._gained_at_start = self._gained_at_start, {}
+            for room_id, sessions in parked.items():
+                await self.pushes.on_new_state(room_id, set(sessions), pushed, members)
             await self.pushes.reconcile(skip=pushed, members=members)
-            self._gained_at_start = {}
             # What changed while the bot was away: the plugin seals these before it is ready.
             self.to_seal = [room_id for room_id in self.tracker.ledgers if room_id in rooms]
             if probe is not None:
@@ -438,6 +439,11 @@ class Intake:
         finally:
             self.rescanned = True
             self.tracker.fresh = None
+            # Gains parked since the pass above took them (a sync processed while it awaited),
+            # or all of them if the rescan failed: the next reaction pass runs them, now live.
+            for room_id, sessions in self._gained_at_start.items():
+                self.tracker.give_back(room_id, sessions)
+            self._gained_at_start = {}
         tracked = sum(1 for r in rooms if self.tracker.tracked(r))
         read = (
             f"read back {len(catch_ups)} timeline(s), {unchanged} unchanged since the last "

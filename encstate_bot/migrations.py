@@ -229,3 +229,14 @@ async def upgrade_v8(conn: Connection) -> None:
             f"CREATE INDEX encstate_outbox_{name}_room ON encstate_outbox (room_id, id) "
             f"WHERE {condition}"
         )
+
+
+@upgrade_table.register(description="The sync position every tracked event was processed up to")
+async def upgrade_v9(conn: Connection) -> None:
+    await conn.execute(
+        """CREATE TABLE encstate_sync_position (
+            id         INTEGER PRIMARY KEY,
+            next_batch TEXT NOT NULL,
+            saved_ts   BIGINT NOT NULL
+        )"""
+    )

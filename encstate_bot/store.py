@@ -867,32 +867,13 @@ class Store:
         return bool(await self.db.fetchval(query))
 
     # The sync position --------------------------------------------------------------------------
-    # ``encstate_sync_position`` (one row: id 0, next_batch, saved_ts) needs a migration; until
-    # the table exists the position is neither read nor written (every start then reads back
-    # every state-encrypted room's timeline).
-
-    async def _position_table(self) -> bool:
-        known = getattr(self, "_has_position_table", None)
-        if known is None:
-            if self.db.scheme == Scheme.SQLITE:
-                query = (
-                    "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type='table' "
-                    "AND name='encstate_sync_position')"
-                )
-            else:  # this schema only (maubot gives every instance its own)
-                query = "SELECT to_regclass('encstate_sync_position') IS NOT NULL"
-            known = self._has_position_table = bool(await self.db.fetchval(query))
-        return known
+    # ``encstate_sync_position`` (migration v9; one row: id 0, next_batch, saved_ts).
 
     async def sync_position(self) -> str | None:
         """The sync token up to which every event of the state-encrypted rooms was processed."""
-        if not await self._position_table():
-            return None
         return await self.db.fetchval("SELECT next_batch FROM encstate_sync_position WHERE id = 0")
 
     async def put_sync_position(self, next_batch: str) -> None:
-        if not await self._position_table():
-            return
         await self.db.execute(
             "INSERT INTO encstate_sync_position (id, next_batch, saved_ts) VALUES (0, $1, $2) "
             "ON CONFLICT (id) DO UPDATE SET next_batch=excluded.next_batch, "

@@ -76,6 +76,7 @@ class World:
         self.users: list[TestUser] = []
         self.bots: list[BotProcess] = []
         self._dbs: list[Database] = []
+        self._stores: dict[str, Store] = {}
         self._proxies: list[FaultProxy] = []
 
     async def user(self, name: str) -> TestUser:
@@ -150,11 +151,18 @@ class World:
         await bot.wait_ready()
 
     async def store(self, bot: BotProcess) -> Store:
-        """The bot's database, opened from the test (SQLite in WAL mode or PostgreSQL)."""
-        db = Database.create(bot.database, upgrade_table=upgrade_table)
-        await db.start()
-        self._dbs.append(db)
-        return Store(db)
+        """The bot's database, opened from the test (SQLite in WAL mode or PostgreSQL): one
+        small pool per database for the whole test, however often a test polls it (a pool
+        per call ran PostgreSQL out of connections)."""
+        opened = self._stores.get(bot.database)
+        if opened is None:
+            db = Database.create(
+                bot.database, upgrade_table=upgrade_table, db_args={"min_size": 1, "max_size": 3}
+            )
+            await db.start()
+            self._dbs.append(db)
+            opened = self._stores[bot.database] = Store(db)
+        return opened
 
     async def room_with_bot(
         self, admin: TestUser, bot: BotProcess, bot_level: int = 50, **kwargs: Any

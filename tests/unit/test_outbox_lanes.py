@@ -194,7 +194,9 @@ async def test_migration_v8_indexes_an_outbox_that_has_items(bot_database) -> No
     db = Database.create(bot_database, upgrade_table=upgrade_table)
     await db.start()
     try:
-        assert await db.fetchval("SELECT version FROM encstate_version") == 8
+        assert await db.fetchval("SELECT version FROM encstate_version") == len(
+            upgrade_table.upgrades
+        )
         store = Store(db)
         for name, user in ((FAST_LANE, "@a:x"), (REQUEST_LANE, "@b:x"), (PUSH_LANE, "@c:x")):
             assert [i.user_id for i in await store.due(10, name)] == [user]
