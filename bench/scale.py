@@ -427,9 +427,11 @@ def profiler(pid: int) -> subprocess.Popen | None:
     )
 
 
-def top_frames(path: str, count: int = 12) -> str:
-    """The functions holding the most samples anywhere on the stack (inclusive), from py-spy's
-    collapsed stacks, as a share of all samples."""
+def top_frames(path: str, count: int = 8) -> str:
+    """From py-spy's collapsed stacks: the leaf frames holding the most samples (self time),
+    then the functions of encstate, mautrix, maubot and the database driver holding the most
+    samples anywhere on the stack (inclusive), each as a share of all samples."""
+    leaf: dict[str, int] = {}
     inclusive: dict[str, int] = {}
     total = 0
     with open(path) as fh:
@@ -437,15 +439,26 @@ def top_frames(path: str, count: int = 12) -> str:
             stack, _, n = line.rstrip().rpartition(" ")
             samples = int(n)
             total += samples
-            for frame in set(stack.split(";")):
-                name = frame.split(" (")[0]
-                where = frame[frame.find("(") + 1 : frame.find(")")].split("/")[-1]
-                key = f"{name} ({where.split(':')[0]})"
-                inclusive[key] = inclusive.get(key, 0) + samples
-    ranked = sorted(inclusive.items(), key=lambda kv: -kv[1])
-    skip = ("<module>", "run_forever", "_run_once", "_run (events.py)", "run_until_complete")
-    shown = [(k, v) for k, v in ranked if not any(k.startswith(x) for x in skip)][:count]
-    return "; ".join(f"{k} {100 * v / max(total, 1):.0f}%" for k, v in shown)
+            frames = [_frame(f) for f in stack.split(";")]
+            leaf[frames[-1]] = leaf.get(frames[-1], 0) + samples
+            for frame in set(frames):
+                inclusive[frame] = inclusive.get(frame, 0) + samples
+    ours = ("encstate_bot/", "mautrix/", "maubot/", "aiosqlite/", "asyncpg/")
+
+    def share(items) -> str:
+        return ", ".join(f"{k} {100 * v / max(total, 1):.0f}%" for k, v in items)
+
+    top_leaf = sorted(leaf.items(), key=lambda kv: -kv[1])[:count]
+    top_ours = [
+        kv for kv in sorted(inclusive.items(), key=lambda kv: -kv[1]) if kv[0].startswith(ours)
+    ]
+    return f"self: {share(top_leaf)}; inclusive: {share(top_ours[:count])}"
+
+
+def _frame(frame: str) -> str:
+    name = frame.split(" (")[0]
+    where = frame[frame.find("(") + 1 : frame.find(")")].split(":")[0]
+    return f"{'/'.join(where.split('/')[-2:])} {name}"
 
 
 async def storm(c: Community, bot: BotProcess, report: Report) -> None:
