@@ -3,9 +3,12 @@ from __future__ import annotations
 import os
 
 from aiohttp import ClientSession
+from mautrix.util.async_db import Database
 import pytest
 import pytest_asyncio
 
+from encstate_bot.migrations import upgrade_table
+from encstate_bot.store import Store
 from harness.synapse import Synapse
 from harness.world import (
     World,
@@ -67,6 +70,29 @@ async def bot_database(request, tmp_path):
         yield url
     finally:
         await drop_postgres_database(url)
+
+
+async def _opened_store(url: str):
+    db = Database.create(url, upgrade_table=upgrade_table)
+    await db.start()
+    try:
+        yield Store(db)
+    finally:
+        await db.stop()
+
+
+@pytest_asyncio.fixture
+async def store(bot_database):
+    """encstate's store on SQLite, then on PostgreSQL (skipped where there is none)."""
+    async for opened in _opened_store(bot_database):
+        yield opened
+
+
+@pytest_asyncio.fixture
+async def sqlite_store(tmp_path):
+    """encstate's store on a fresh SQLite file."""
+    async for opened in _opened_store(f"sqlite:{tmp_path / 'bot.db'}"):
+        yield opened
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-from mautrix.util.async_db import Database
-import pytest_asyncio
-
 from encstate_bot.ledger import MessageStatus, Status
-from encstate_bot.migrations import upgrade_table
 from encstate_bot.store import AuditRow, OutboxItem, Store
 from encstate_bot.triggers import FAST_LANE, PUSH_LANE, REQUEST_LANE
 
 from ..unit.helpers import ROOM, message, state
-
-
-@pytest_asyncio.fixture
-async def store(bot_database):
-    db = Database.create(bot_database, upgrade_table=upgrade_table)
-    await db.start()
-    try:
-        yield Store(db)
-    finally:
-        await db.stop()
 
 
 async def test_ledger_round_trip(store: Store) -> None:

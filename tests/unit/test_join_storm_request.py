@@ -17,13 +17,10 @@ import asyncio
 import logging
 from types import SimpleNamespace
 
-from mautrix.util.async_db import Database
 import pytest
-import pytest_asyncio
 
 from encstate_bot.audit import Audit
 from encstate_bot.courier import BATCH_ITEMS, Courier
-from encstate_bot.migrations import upgrade_table
 from encstate_bot.seals import SealBook
 from encstate_bot.store import OutboxItem, Store
 from encstate_bot.triggers import Trigger
@@ -56,16 +53,6 @@ def key_request(request_id: str = "req-1") -> OutboxItem:
         session_id="state-session",
         request_id=request_id,
     )
-
-
-@pytest_asyncio.fixture
-async def store(tmp_path):
-    db = Database.create(f"sqlite:{tmp_path / 'bot.db'}", upgrade_table=upgrade_table)
-    await db.start()
-    try:
-        yield Store(db)
-    finally:
-        await db.stop()
 
 
 class Recorder:
@@ -117,7 +104,10 @@ def courier_for(store: Store) -> tuple[Courier, Recorder, SimpleNamespace]:
 # The courier ----------------------------------------------------------------------------------
 
 
-async def test_a_request_queued_after_a_join_storm_is_answered_first(store: Store) -> None:
+async def test_a_request_queued_after_a_join_storm_is_answered_first(
+    sqlite_store: Store,
+) -> None:
+    store = sqlite_store
     """20,000 join items in 20 rooms are queued, then one newcomer's key request in another
     room. The answer goes out in a batch of its own, before the storm's batches (at most the
     one the newcomers' lane formed at the same time). It used to share the fast lane with the
@@ -138,7 +128,10 @@ async def test_a_request_queued_after_a_join_storm_is_answered_first(store: Stor
     assert [i.trigger for i in batch] == [Trigger.REQUEST]
 
 
-async def test_a_request_does_not_wait_for_the_join_batch_in_flight(store: Store) -> None:
+async def test_a_request_does_not_wait_for_the_join_batch_in_flight(
+    sqlite_store: Store,
+) -> None:
+    store = sqlite_store
     """A request arrives while the courier delivers a storm's batch of 2,000 newcomers
     (thousands of devices: seconds of claims, encryption and sendToDevice calls). It is
     answered while that batch is still in flight, and bulk pushes keep pausing until the

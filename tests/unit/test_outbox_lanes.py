@@ -10,7 +10,6 @@ import re
 import sqlite3
 
 from mautrix.util.async_db import Database, UpgradeTable
-import pytest_asyncio
 
 from encstate_bot.courier import BATCH_ITEMS, PER_ROOM_ITEMS
 from encstate_bot.migrations import upgrade_table
@@ -27,27 +26,6 @@ from encstate_bot.triggers import (
 )
 
 from .test_join_storm_request import ROOMS, key_request, storm
-
-
-@pytest_asyncio.fixture
-async def store(bot_database):
-    """The store on SQLite, then on PostgreSQL (skipped where there is none)."""
-    db = Database.create(bot_database, upgrade_table=upgrade_table)
-    await db.start()
-    try:
-        yield Store(db)
-    finally:
-        await db.stop()
-
-
-@pytest_asyncio.fixture
-async def sqlite_store(tmp_path):
-    db = Database.create(f"sqlite:{tmp_path / 'bot.db'}", upgrade_table=upgrade_table)
-    await db.start()
-    try:
-        yield Store(db)
-    finally:
-        await db.stop()
 
 
 async def test_the_push_lane_does_not_count_the_whole_queue_after_each_batch(

@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
-from mautrix.util.async_db import Database
-import pytest_asyncio
-
 from encstate_bot.audit import Outcome
-from encstate_bot.migrations import upgrade_table
 from encstate_bot.policy import Share
 from encstate_bot.seals import SealBook
-from encstate_bot.store import OutboxItem, Store
+from encstate_bot.store import OutboxItem
 from encstate_bot.transport import TOGETHER_ROUNDS
 from encstate_bot.triggers import FAST_LANE, Trigger
 
@@ -74,16 +70,6 @@ async def test_request_lane_and_fast_lane_together_exceed_olms_40_skipped_keys()
 
 
 # Store.due ---------------------------------------------------------------------------------
-
-
-@pytest_asyncio.fixture
-async def store(bot_database):
-    db = Database.create(bot_database, upgrade_table=upgrade_table)
-    await db.start()
-    try:
-        yield Store(db)
-    finally:
-        await db.stop()
 
 
 def joins(room: str, tag: str, count: int) -> list[OutboxItem]:
