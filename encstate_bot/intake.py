@@ -504,7 +504,7 @@ class Intake:
         every event before it is known), or the limit. False if a page could not be read."""
         ledger = self.tracker.ledger(room_id)
         first_time = room_id not in self.tracker.backfilled
-        fresh = (getattr(self.tracker, "fresh", None) or ()) if before_start else ()
+        fresh = (self.tracker.fresh or ()) if before_start else ()
         limit = self.config["backfill_limit"]
         token = from_token
         seen = 0
@@ -610,7 +610,7 @@ class Intake:
         room is behind."""
         if not self._caught_up or self._filling or self._lost:
             return
-        if getattr(self.tracker, "backlog", None) or getattr(self.tracker, "overflowed", None):
+        if self.tracker.backlog or self.tracker.overflowed:
             return  # events held in memory only, or dropped: read again at the next start
         self.position = token
         await self._save_position(force)
