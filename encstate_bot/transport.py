@@ -204,14 +204,17 @@ class _Delivery(Generic[T]):
     async def pause_for_fast_lane(self) -> None:
         """A bulk delivery waits while the fast lane works, unless another delivery waits for
         one of its devices (that one would wait for the fast lane too: a request lane's answer
-        to a device a bulk push holds, or a bulk delivery the fast lane waits for)."""
+        to a device a bulk push holds, or a bulk delivery the fast lane waits for). One wait:
+        a moment of idleness between two urgent batches lets one call through, so back-to-back
+        urgent batches slow a bulk delivery but never hold it for good."""
         idle = self.transport.fast_idle
-        while not (self.together or idle.is_set() or self.wanted.is_set()):
-            waits = [asyncio.ensure_future(idle.wait()), asyncio.ensure_future(self.wanted.wait())]
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                settle(waits)
+        if self.together or idle.is_set() or self.wanted.is_set():
+            return
+        waits = [asyncio.ensure_future(idle.wait()), asyncio.ensure_future(self.wanted.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            settle(waits)
 
     async def run(self) -> None:
         self.existing = await self.bulk.store.latest_sessions(self.per_device)
