@@ -509,6 +509,7 @@ class Intake:
         token = from_token
         seen = 0
         live_members: list[dict[str, Any]] = []
+        cut = False
         while seen < limit:
             query: dict[str, Any] = {
                 "dir": "b",
@@ -549,6 +550,11 @@ class Intake:
             token = resp.get("end")
             if known or not token:
                 break
+        else:
+            # stopped by backfill_limit with more to read: a later catch-up (not the first
+            # sight of a room, whose older history the ledger treats as unknown) left events
+            # unread, so the position must not move past them
+            cut = bool(token) and not first_time
         await self.react()
         if live_members:
             await self.pushes.on_members(room_id, live_members)
@@ -556,7 +562,12 @@ class Intake:
             self.tracker.backfilled.add(room_id)
             await self.store.set_backfilled(room_id)
             self.log.info(f"Read back {seen} timeline event(s) of {room_id}")
-        return True
+        if cut:
+            self.log.warning(
+                f"Read back {seen} timeline event(s) of {room_id}, the backfill_limit, and more "
+                "remain: the sync position stays until they are read"
+            )
+        return not cut
 
     # The sync position -------------------------------------------------------------------------
 
