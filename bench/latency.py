@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sqlite3
 import statistics
 import time
@@ -28,6 +29,32 @@ def percentile(values: list[float], p: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+BATCH_LINE = re.compile(r"Batch of \d+ item\(s\) \[([a-z/]+)\]: .*\(([\d.]+) s: (.*)\)$")
+
+
+def answer_phases(log: str, lane: str = "request") -> str:
+    """From the bot's batch log lines of one lane: each phase's median and 95th percentile
+    (milliseconds; a phase a batch did not go through counts 0 for it)."""
+    batches: list[dict[str, float]] = []
+    for line in log.splitlines():
+        match = BATCH_LINE.search(line)
+        if match is None or match.group(1) != lane:
+            continue
+        phases = {"total": 1000 * float(match.group(2))}
+        for part in filter(None, match.group(3).split(", ")):
+            name, _, ms = part.rpartition(" ")[0].rpartition(" ")
+            phases[name] = float(ms)
+        batches.append(phases)
+    if not batches:
+        return "no batches logged"
+    names = list(dict.fromkeys(n for b in batches for n in b))
+    return f"{len(batches)} batches: " + ", ".join(
+        f"{n} {percentile([b.get(n, 0.0) for b in batches], 50):.0f}"
+        f"/{percentile([b.get(n, 0.0) for b in batches], 95):.0f} ms"
+        for n in names
+    )
 
 
 def answer_times(bot: BotProcess, room_id: str, since: float) -> list[float]:
@@ -165,8 +192,10 @@ async def run(
         await asyncio.sleep(2)
 
         idle_started = time.time()
+        idle_log = len(bot.log_text())
         idle_sent, idle = await ask_all(newcomers, room, sessions, bot)
         idle_bot = answer_times(bot, room, idle_started)
+        idle_phases = answer_phases(bot.log_text()[idle_log:])
         await asyncio.sleep(6)  # past the duplicate window
         alone = []
         for user in newcomers[:20]:  # one request at a time, nothing else going on
@@ -188,8 +217,10 @@ async def run(
         )
         await bot.wait_for_log(f"{space} admits into {restricted}", timeout=60)
         busy_started = time.time()
+        busy_log = len(bot.log_text())
         busy_sent, busy = await ask_all(newcomers, room, sessions, bot)
         busy_bot = answer_times(bot, room, busy_started)
+        busy_phases = answer_phases(bot.log_text()[busy_log:])
         # Then one newcomer asking at a time while the push goes on (newcomers who did not
         # ask before): from the homeserver accepting the request to the key arriving.
         single: list[float] = []
@@ -246,6 +277,10 @@ async def run(
         f"{fanout_wall:.2f} s ({fanout_cpu:.2f} s bot CPU, peak RSS {rss:.0f} MB); "
         f"{pushed_during} keys were out when the last newcomer was served; mean "
         f"{statistics.mean(busy):.0f} ms"
+    )
+    report.note(
+        "latency: where the answers' time went (request batches, median / 95th percentile): "
+        f"during the push {busy_phases}; bot idle {idle_phases}"
     )
     report.result("request_latency_p50_ms", percentile(busy_sent, 50))
     report.result("request_latency_p95_ms", percentile(busy_sent, 95))

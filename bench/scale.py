@@ -39,7 +39,7 @@ from harness.synapse import Synapse
 from .bulk import Bulk, Stopwatch, bounded
 from .fanout import Room
 from .inproc import InProcessBot
-from .latency import percentile
+from .latency import answer_phases, percentile
 from .megolm import StateSession
 from .population import Device, Population
 from .report import (
@@ -382,7 +382,7 @@ async def busy_rooms(c: Community, bot: BotProcess, report: Report) -> None:
         )
 
     synapse_pid = c.synapse.proc.pid
-    spy = profiler(bot.proc.pid)
+    spy = profiler(bot.proc.pid, "busy-rooms")
     cpu0, hs0 = proc_cpu_seconds(bot.proc.pid), proc_cpu_seconds(synapse_pid)
     started = time.monotonic()
     await asyncio.gather(bounded(jobs, post), bounded(state_jobs, plain_state, width=4))
@@ -395,10 +395,7 @@ async def busy_rooms(c: Community, bot: BotProcess, report: Report) -> None:
     )
     bot_cpu = proc_cpu_seconds(bot.proc.pid) - cpu0
     hs_cpu = proc_cpu_seconds(synapse_pid) - hs0
-    if spy is not None:
-        spy.send_signal(signal.SIGINT)
-        spy.wait(timeout=60)
-        report.note(f"busy rooms, where the bot's CPU went (py-spy): {top_frames(SPY_OUT)}")
+    profile_note(spy, "busy-rooms", report)
     renamed = len(state_jobs)
     events = s.posts + renamed
     report.row(
@@ -411,20 +408,30 @@ async def busy_rooms(c: Community, bot: BotProcess, report: Report) -> None:
     report.result("scale_sync_synapse_events_per_s", events / hs_cpu)
 
 
-SPY_OUT = "/tmp/encstate-busy-rooms.pyspy"
+def spy_out(scenario: str) -> str:
+    return f"/tmp/encstate-{scenario}.pyspy"
 
 
-def profiler(pid: int) -> subprocess.Popen | None:
-    """With ENCSTATE_BENCH_PYSPY=1 (and py-spy installed), sample the bot process while the
-    rooms are busy: the report names the functions its CPU went to."""
+def profiler(pid: int, scenario: str) -> subprocess.Popen | None:
+    """With ENCSTATE_BENCH_PYSPY=1 (and py-spy installed), sample the bot process during a
+    scenario: the report names the functions its CPU went to."""
     spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.environ.get("ENCSTATE_BENCH_PYSPY") or not os.path.exists(spy):
         return None
+    out = spy_out(scenario)
     return subprocess.Popen(
-        [spy, "record", "-p", str(pid), "-o", SPY_OUT, "-f", "raw", "-r", "200", "--nonblocking"],
+        [spy, "record", "-p", str(pid), "-o", out, "-f", "raw", "-r", "200", "--nonblocking"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def profile_note(spy: subprocess.Popen | None, scenario: str, report: Report) -> None:
+    if spy is None:
+        return
+    spy.send_signal(signal.SIGINT)
+    spy.wait(timeout=60)
+    report.note(f"{scenario}, where the bot's CPU went (py-spy): {top_frames(spy_out(scenario))}")
 
 
 def top_frames(path: str, count: int = 8) -> str:
@@ -516,6 +523,7 @@ async def storm(c: Community, bot: BotProcess, report: Report) -> None:
     await asyncio.sleep(2)
     since = int(time.time() * 1000)
 
+    log_from = len(bot.log_text())
     os.killpg(bot.proc.pid, signal.SIGSTOP)
     try:
         joins = [(storm_rooms[i % len(storm_rooms)], u[0]) for i, u in enumerate(storm_users)]
@@ -540,6 +548,7 @@ async def storm(c: Community, bot: BotProcess, report: Report) -> None:
     # newcomers ask for the ask room's sessions meanwhile, one request every 100 ms
     requests = [(a, (c.admin.curve25519, sess.id)) for sess in ask_sessions for a in askers]
     timeline: list[tuple[float, int]] = []
+    usage: list[tuple[float, float]] = []
 
     async def asking() -> None:
         for asker, session in requests:
@@ -547,10 +556,14 @@ async def storm(c: Community, bot: BotProcess, report: Report) -> None:
             await asyncio.sleep(0.1)
 
     asks = asyncio.create_task(asking())
+    spy = profiler(bot.proc.pid, "storm")
     loop = asyncio.get_running_loop()
+    synapse_pid = c.synapse.proc.pid
+    hs0 = proc_cpu_seconds(synapse_pid)
     while True:
         got = await loop.run_in_executor(None, served)
         timeline.append((time.monotonic() - started, got))
+        usage.append((proc_cpu_seconds(bot.proc.pid) - cpu0, proc_cpu_seconds(synapse_pid) - hs0))
         if got >= need:
             break
         if time.monotonic() - started > 1800:
@@ -558,6 +571,7 @@ async def storm(c: Community, bot: BotProcess, report: Report) -> None:
         await asyncio.sleep(0.5)
     wall = time.monotonic() - started
     cpu = proc_cpu_seconds(bot.proc.pid) - cpu0
+    profile_note(spy, "storm", report)
     await asks
     await asyncio.sleep(2)
     waited = [
@@ -589,6 +603,11 @@ async def storm(c: Community, bot: BotProcess, report: Report) -> None:
         "",
         "p95 <= 100 ms",
     )
+    report.note(f"storm timeline: {storm_timeline(timeline, usage, need)}")
+    report.note(
+        "where a newcomer's answer went during the storm (request batches, "
+        f"median / 95th percentile): {answer_phases(bot.log_text()[log_from:])}"
+    )
     report.note(f"storm fixtures: {watch.text()}")
     report.note(f"the bot's database after the storm: {table_sizes(bot)}")
     report.result("storm_devices_per_s", devices_per_s)
@@ -597,6 +616,27 @@ async def storm(c: Community, bot: BotProcess, report: Report) -> None:
     report.result("storm_request_p50_ms", percentile(waited, 50))
     report.result("storm_request_p95_ms", percentile(waited, 95))
     c.storm_users = storm_users
+
+
+def storm_timeline(
+    timeline: list[tuple[float, int]], usage: list[tuple[float, float]], need: int
+) -> str:
+    """Each tenth of the storm's keys: when it was reached, and the share of one core the bot
+    and the homeserver used meanwhile. A tenth where the bot is near 100% is bound by the
+    bot's CPU; one where neither is, by waiting (a sync, a homeserver call)."""
+    parts = []
+    last_t, last_cpu = 0.0, (0.0, 0.0)
+    for tenth in range(1, 11):
+        at = next(i for i, (_, n) in enumerate(timeline) if n >= need * tenth / 10)
+        t, (bot, hs) = timeline[at][0], usage[at]
+        span = max(t - last_t, 1e-6)
+        parts.append(
+            f"{tenth * 10}% at {t:.1f} s (bot {100 * (bot - last_cpu[0]) / span:.0f}%, "
+            f"homeserver {100 * (hs - last_cpu[1]) / span:.0f}%)"
+        )
+        last_t, last_cpu = t, (bot, hs)
+    first = next((t for t, n in timeline if n > 0), timeline[-1][0])
+    return f"first key at {first:.1f} s; " + "; ".join(parts)
 
 
 def table_sizes(bot: BotProcess) -> str:

@@ -26,6 +26,7 @@ from . import audit, protocol
 from .audit import WITHHELD_PER_DEVICE, Audit, Outcome
 from .gather import Devices, Gatherer, RoomContext
 from .ledger import SessionKind
+from .phases import Phases
 from .planner import approve, plan, waiting_for_keys
 from .policy import Share, Withhold
 from .ratelimit import RecentSet
@@ -221,20 +222,24 @@ class Courier:
         first_devices: asyncio.Task | None,
         dry_run: bool,
     ) -> list[Outcome]:
-        started = time.monotonic()
+        phases = Phases()
+        queued = [audit.waited(i) for i in items]
+        if any(q is not None for q in queued):
+            phases.add("queued", max(q for q in queued if q is not None))
         contexts, skipped = await self._contexts(items)
+        phases.mark("rooms")
         if skipped:
             await self._send(skipped, [], skipped, {})
         live = [i for i in items if i.room_id in contexts]
         users = list(dict.fromkeys(i.user_id for i in live))
         delivered = await self.store.delivered(users)
         source = self.tracker.session_source()
+        phases.mark("ledger")
         waves = [users[i : i + WAVE_USERS] for i in range(0, len(users), WAVE_USERS)]
         wave_of = {user: n // WAVE_USERS for n, user in enumerate(users)}
         per_wave: list[list[OutboxItem]] = [[] for _ in waves]
         for item in live:
             per_wave[wave_of[item.user_id]].append(item)
-        looked_up = time.monotonic()
         outcomes: list[Outcome] = []
         next_devices = None
         if waves and first_devices is not None and set(waves[0]) <= set(everyone[:WAVE_USERS]):
@@ -245,6 +250,7 @@ class Courier:
             for index, wave_items in enumerate(per_wave):
                 assert next_devices is not None
                 devices = await next_devices
+                phases.mark("devices")
                 next_devices = (
                     asyncio.create_task(self.gather.devices(set(waves[index + 1])))
                     if index + 1 < len(waves)
@@ -261,14 +267,11 @@ class Courier:
                         wave_outcomes += await self._decide(
                             context, room_items, devices, delivered, source, dry_run, groups
                         )
-                await self._send(wave_items, wave_outcomes, [], groups)
+                phases.mark("decide")
+                await self._send(wave_items, wave_outcomes, [], groups, phases)
                 outcomes += wave_outcomes
         finally:
             settle([next_devices])
-        self.log.debug(
-            f"Batch phases: rooms {1000 * (looked_up - started):.0f} ms, devices, decisions "
-            f"and delivery {1000 * (time.monotonic() - looked_up):.0f} ms in {len(waves)} wave(s)"
-        )
         return outcomes
 
     async def _decide(
@@ -429,7 +432,12 @@ class Courier:
         outcomes: list[Outcome],
         skipped: list[OutboxItem],
         groups: dict[tuple[str, str], Any],
+        phases: Phases | None = None,
     ) -> None:
+        """Send one wave's keys and withheld notices, and record the outcomes; logs one line
+        with where the wave's time went (since the previous wave's line, or the batch's
+        start)."""
+        phases = phases or Phases()
         started = time.monotonic()
         failed_items: set[int] = {i.id for i in skipped if i.id is not None}
         shares = [o for o in outcomes if isinstance(o.decision, Share)]
@@ -437,7 +445,8 @@ class Courier:
         calls = 0
         sent: list[Outcome] = []
         if shares:
-            sent, failed, calls = await self._send_keys(shares, groups, recorded)
+            sent, failed, calls = await self._send_keys(shares, groups, recorded, phases)
+            phases.at = time.monotonic()
             failed_items |= {o.item.id for o in failed if o.item.id is not None}
             for o in failed:
                 o.failed = True  # an unqueued share (a command's) is audited as failed
@@ -448,6 +457,7 @@ class Courier:
         ]
         if withholds:
             await self._send_withheld(withholds)
+            phases.mark("withheld")
         failed_queued = [i for i in items if i.id in failed_items]
         expired = [i for i in failed_queued if audit.expired(i)]
         gone = {i.id for i in expired}
@@ -465,19 +475,27 @@ class Courier:
             await self.store.retry_later(ids, delay_ms)
         for o in rest:
             self.audit.log_outcome(o)
+        phases.mark("record")
         devices = {(o.item.user_id, o.device_id) for o in sent}
+        lanes = "/".join(dict.fromkeys(lane(i.trigger) for i in items))
         self.log.info(
-            f"Batch of {len(items)} item(s): {len(sent)} key(s) to {len(devices)} device(s) in "
-            f"{calls} sendToDevice call(s), {len(withholds)} withheld, "
+            f"Batch of {len(items)} item(s) [{lanes}]: {len(sent)} key(s) to {len(devices)} "
+            f"device(s) in {calls} sendToDevice call(s), {len(withholds)} withheld, "
             f"{len(outcomes) - len(shares) - len(withholds)} ignored, {len(retry)} to retry "
-            f"({time.monotonic() - started:.2f} s)"
+            f"({time.monotonic() - started:.2f} s: {phases.report()})"
         )
 
     async def _send_keys(
-        self, shares: list[Outcome], groups: dict[tuple[str, str], Any], recorded: set[int]
+        self,
+        shares: list[Outcome],
+        groups: dict[tuple[str, str], Any],
+        recorded: set[int],
+        phases: Phases | None = None,
     ) -> tuple[list[Outcome], list[Outcome], int]:
         """Send the shared sessions, recording each call's shares as soon as it went through;
-        returns (sent, failed, calls)."""
+        returns (sent, failed, calls). The transport books its phases (sessions, leases, Olm
+        lock, encryption, sendToDevice calls) and the recording to ``phases``."""
+        phases = phases or Phases()
         exports: dict[tuple[str, str, int | None], Any] = {}  # (room, session, index or None)
         entries: list[tuple[DeviceIdentity, EventType, Any, Outcome]] = []
         for o in shares:
@@ -503,18 +521,19 @@ class Courier:
             entries.append((o.device, EventType.FORWARDED_ROOM_KEY, exports[key], o))
 
         async def record(outcomes: list[Outcome]) -> None:
-            rows = [audit.row(o) for o in outcomes]
-            await self.store.finish([], rows, [audit.delivery(o) for o in outcomes])
-            recorded.update(id(o) for o in outcomes)
-            for o in outcomes:
-                self.audit.log_outcome(o)
-            await self.audit.announce(rows)
+            async with phases.timed("record"):
+                rows = [audit.row(o) for o in outcomes]
+                await self.store.finish([], rows, [audit.delivery(o) for o in outcomes])
+                recorded.update(id(o) for o in outcomes)
+                for o in outcomes:
+                    self.audit.log_outcome(o)
+                await self.audit.announce(rows)
 
         # Answers and a newcomer's keys go at once (someone is waiting for them, and a repeat
         # after a crash is harmless); bulk pushes one call after the other.
         waiting = all(is_fast(o.item.trigger) for o in shares)
         sent, failed, no_olm, calls = await self.transport.olm_send(
-            entries, record, together=waiting
+            entries, record, together=waiting, phases=phases
         )
         for o in no_olm:
             o.decision = Withhold(protocol.NO_OLM, "no Olm session could be established")

@@ -18,6 +18,7 @@ from mautrix.types import DeviceIdentity, EventType
 
 from .bulk_olm import BulkOlm
 from .glue import olm_lock
+from .phases import Phases
 from .tasks import settle
 
 MAX_PER_CALL = 250
@@ -153,6 +154,7 @@ class Transport:
         plan: list[Message[T]],
         on_sent: Callable[[list[T]], Awaitable[None]] | None = None,
         together: bool = False,
+        phases: Phases | None = None,
     ) -> tuple[list[T], list[T], list[T], int]:
         """Bulk Olm delivery of (device, event type, content, token), in groups of at most
         MAX_PER_CALL devices: one one-time-key claim for the group's devices lacking an Olm
@@ -162,8 +164,12 @@ class Transport:
         so a crash repeats at most the one in flight; with ``together`` (answers, a newcomer's
         keys: a repeat is harmless and latency matters) up to TOGETHER_ROUNDS go at once: each
         carries one message per device, and Olm accepts a session's messages out of order
-        within its 40 skipped message keys. Returns (sent, failed, no Olm session, calls)."""
-        delivery = _Delivery(self, plan, on_sent, together)
+        within its 40 skipped message keys. Returns (sent, failed, no Olm session, calls).
+        Where the time went is booked to ``phases``: sessions (reading them, waiting for
+        claims and new ones), paused (for the urgent lanes), leases (for devices another
+        delivery holds), lock (Olm's), encrypt, send (the sendToDevice calls); the groups
+        overlap, so for a bulk delivery the phases add up to more than its wall time."""
+        delivery = _Delivery(self, plan, on_sent, together, phases or Phases())
         await delivery.run()
         return delivery.sent, delivery.failed, delivery.no_olm, delivery.calls
 
@@ -177,8 +183,10 @@ class _Delivery(Generic[T]):
         plan: list[Message[T]],
         on_sent: Callable[[list[T]], Awaitable[None]] | None,
         together: bool,
+        phases: Phases,
     ) -> None:
         self.transport = transport
+        self.phases = phases
         self.bulk = transport.bulk
         self.on_sent = on_sent
         self.together = together
@@ -212,12 +220,14 @@ class _Delivery(Generic[T]):
             return
         waits = [asyncio.ensure_future(idle.wait()), asyncio.ensure_future(self.wanted.wait())]
         try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            async with self.phases.timed("paused"):
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             settle(waits)
 
     async def run(self) -> None:
-        self.existing = await self.bulk.store.latest_sessions(self.per_device)
+        async with self.phases.timed("sessions"):
+            self.existing = await self.bulk.store.latest_sessions(self.per_device)
         self.lacking = [
             [self.per_device[k][0][0] for k in g if k not in self.existing] for g in self.groups
         ]
@@ -274,7 +284,8 @@ class _Delivery(Generic[T]):
         sessions = {k: self.existing[k] for k in group if k in self.existing}
         task = self.made[index]
         if task is not None:
-            sessions.update(await task)
+            async with self.phases.timed("sessions"):
+                sessions.update(await task)
         entries: list[Message[T]] = []
         for key in group:
             if key in sessions:
@@ -283,7 +294,8 @@ class _Delivery(Generic[T]):
                 self.no_olm += [entry[3] for entry in self.per_device[key]]
         # No other delivery encrypts for these devices until their messages went (Olm's 40
         # skipped message keys across all lanes, DeviceLeases)
-        await self.transport.devices.take(self, [key for key in group if key in sessions])
+        async with self.phases.timed("leases"):
+            await self.transport.devices.take(self, [key for key in group if key in sessions])
         # A bulk delivery encrypts in slices and lets the fast lane take the Olm lock between
         # them (both lanes use the same cached session objects, each slice stores the ratchets
         # it moved, so nothing forks).
@@ -292,15 +304,20 @@ class _Delivery(Generic[T]):
         lock = olm_lock(self.transport.client.crypto)
         for start in range(0, len(entries), max(step, 1)):
             await self.pause_for_fast_lane()
-            async with lock:
-                contents += await self.bulk.encrypt(
-                    [
-                        (device, event_type, content)
-                        for device, event_type, content, _ in entries[start : start + step]
-                    ],
-                    sessions,
-                    self.encoded,
-                )
+            async with self.phases.timed("lock"):
+                await lock.acquire()
+            try:
+                async with self.phases.timed("encrypt"):
+                    contents += await self.bulk.encrypt(
+                        [
+                            (device, event_type, content)
+                            for device, event_type, content, _ in entries[start : start + step]
+                        ],
+                        sessions,
+                        self.encoded,
+                    )
+            finally:
+                lock.release()
         by_round: list[list[Encrypted]] = []
         depth: dict[str, int] = {}
         for entry, content in zip(entries, contents, strict=True):
@@ -344,7 +361,8 @@ class _Delivery(Generic[T]):
         tokens = [entry[3] for entry, _ in messages]
         chunk = [(e[0].user_id, e[0].device_id, content) for e, content in messages]
         try:
-            await self.transport.send_chunk(EventType.TO_DEVICE_ENCRYPTED, chunk)
+            async with self.phases.timed("send"):
+                await self.transport.send_chunk(EventType.TO_DEVICE_ENCRYPTED, chunk)
         except (MatrixRequestError, MatrixConnectionError) as e:
             self.transport.log.warning(f"sendToDevice of {len(chunk)} message(s) failed: {e}")
             self.transport.failed_calls += 1

@@ -228,7 +228,7 @@ async def test_the_courier_hands_the_transport_one_room_key_dict_per_seal() -> N
     courier = courier_for(FakeClient(ReorderingServer()), book)
     handed: list = []
 
-    async def olm_send(entries, on_sent=None, together=False):
+    async def olm_send(entries, on_sent=None, together=False, phases=None):
         handed.extend(entries)
         return [], [], [], 0
 
