@@ -284,12 +284,17 @@ class Intake:
             if room_id in self.links.joined:
                 self.links.on_own_membership(room_id, joined=False)
                 links_changed = True
+        rejoined: set[str] = set()
         for room_id, room in rooms.get("join", {}).items():
             if room_id not in self.links.joined:
+                if self.links.listed:
+                    rejoined.add(room_id)
                 self.links.on_own_membership(room_id, joined=True)
                 links_changed = True
             try:
-                links_changed |= await self._on_room_sync(room_id, room, live=not initial_ignored)
+                links_changed |= await self._on_room_sync(
+                    room_id, room, live=not initial_ignored, rejoined=room_id in rejoined
+                )
             except Exception:
                 self._lost.add(room_id)
                 self.log.exception(f"Failed to process sync for {room_id}")
@@ -331,8 +336,11 @@ class Intake:
         except Exception as e:
             self.log.debug(f"Could not decrypt a to-device event from the first sync: {e}")
 
-    async def _on_room_sync(self, room_id: str, room: dict[str, Any], live: bool) -> bool:
-        """Process one joined room's sync; True if a restricted-room link may have changed."""
+    async def _on_room_sync(
+        self, room_id: str, room: dict[str, Any], live: bool, rejoined: bool = False
+    ) -> bool:
+        """Process one joined room's sync (``rejoined``: the bot was not in it at the last
+        sync); True if a restricted-room link may have changed."""
         state = [e for e in (room.get("state") or {}).get("events", []) if isinstance(e, dict)]
         timeline_data = room.get("timeline") or {}
         timeline = [e for e in timeline_data.get("events", []) if isinstance(e, dict)]
@@ -352,6 +360,14 @@ class Intake:
         await self.tracker.ingest(room_id, state + timeline, current=True)
         if not was_tracked or room_id not in self.tracker.backfilled:
             self.spawn(self.catch_up(room_id, None), f"encstate-backfill-{room_id}")
+        elif rejoined:
+            # Back in a room it had left: the last sync says nothing of the events sent while
+            # the bot was away (they may be older than it), so read back to an event it knew.
+            self._filling[room_id] = self._filling.get(room_id, 0) + 1
+            self.spawn(
+                self._fill_gap(room_id, timeline_data.get("prev_batch"), None),
+                f"encstate-rejoin-{room_id}",
+            )
         elif timeline_data.get("limited") and timeline_data.get("prev_batch"):
             # The gap lies between the last sync processed (when there was one) and this one.
             self._filling[room_id] = self._filling.get(room_id, 0) + 1
@@ -361,7 +377,7 @@ class Intake:
             )
         return links_changed
 
-    async def _fill_gap(self, room_id: str, prev_batch: str, to: str | None) -> None:
+    async def _fill_gap(self, room_id: str, prev_batch: str | None, to: str | None) -> None:
         done = False
         try:
             done = await self.catch_up(room_id, prev_batch, to=to)
@@ -501,7 +517,10 @@ class Intake:
     ) -> bool:
         """Page back through the timeline until an event the ledger knows (``before_start``:
         knew before this start), the sync position ``to`` (the homeserver stops there, and
-        every event before it is known), or the limit. False if a page could not be read."""
+        every event before it is known), or the limit. The first read of a room goes on to the
+        limit or the room's start: what the ledger knows then came from /state or this sync,
+        and older values of those sessions lie behind them. False if a page could not be
+        read."""
         ledger = self.tracker.ledger(room_id)
         first_time = room_id not in self.tracker.backfilled
         fresh = (self.tracker.fresh or ()) if before_start else ()
@@ -537,6 +556,7 @@ class Intake:
                 event_id = event.get("event_id")
                 if (
                     not to
+                    and not first_time
                     and (event_id in ledger.events or event_id in ledger.messages)
                     and event_id not in fresh
                 ):
