@@ -358,7 +358,9 @@ class Courier:
         """The devices of these users that may hold the bot's own sessions in this room (the
         room and device checks of the policy, read fresh: membership, bans and kicks, power,
         policy mode, blacklist, cross-signing), each with which seals it may read; the
-        refusals as audit rows; and the policy."""
+        refusals as audit rows; and the policy. Inside ``Members.reusing`` (a seal's waves)
+        memberships come from the seal's one listing, except for users a sync has since seen
+        leave or be banned: those are read again."""
         items = [OutboxItem(room_id=room_id, user_id=u, trigger=Trigger.OWN) for u in user_ids]
         context = await self.gather.room(room_id, items)
         devices = await self.gather.devices(set(user_ids))

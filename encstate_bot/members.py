@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from attr import dataclass
 from mautrix.api import Method, Path
@@ -43,6 +43,11 @@ _LISTED: ContextVar[dict[str, Listing] | None] = ContextVar("encstate_listed", d
 class Members:
     def __init__(self, client: Any) -> None:
         self.client = client
+        # While listings of a room are reused: the users a sync saw leave or be banned since.
+        # ``states`` reads those afresh instead of answering from the listing, so a seal's
+        # later waves do not approve someone kicked while its earlier ones went out.
+        self._reused: dict[str, int] = {}
+        self._departed: dict[str, set[str]] = {}
 
     async def joined(self, room_id: str) -> list[str]:
         resp = await self.client.api.request(Method.GET, Path.v3.rooms[room_id].joined_members)
@@ -76,11 +81,24 @@ class Members:
         """Within this block, ``states`` answers from ``listing`` for the users it names, in
         this task and the tasks started in it (no other task sees it): what is decided on it
         was read when the listing was, as if one listing had been read for all of them."""
-        token = _LISTED.set({**(_LISTED.get() or {}), listing.room_id: listing})
+        room_id = listing.room_id
+        token = _LISTED.set({**(_LISTED.get() or {}), room_id: listing})
+        self._reused[room_id] = self._reused.get(room_id, 0) + 1
         try:
             yield
         finally:
             _LISTED.reset(token)
+            left = self._reused.pop(room_id) - 1
+            if left:
+                self._reused[room_id] = left
+            else:
+                self._departed.pop(room_id, None)
+
+    def departed(self, room_id: str, user_ids: Iterable[str]) -> None:
+        """A sync saw these users leave the room or be banned from it: no listing read before
+        answers for them any more."""
+        if room_id in self._reused:
+            self._departed.setdefault(room_id, set()).update(user_ids)
 
     async def memberships(self, room_id: str, user_ids: set[str]) -> dict[str, str | None]:
         """Each user's current membership (None: never a member)."""
@@ -91,9 +109,10 @@ class Members:
         sent by someone else). One GET per user for a few users; else the joined members in
         one call, and the other memberships (with their senders) only if someone is not
         joined. A leave whose sender cannot be read counts as removed. Inside ``reusing``,
-        the listing answers for the users it names."""
+        the listing answers for the users it names, unless a sync saw one of them leave or be
+        banned since (``departed``)."""
         listing = (_LISTED.get() or {}).get(room_id)
-        if listing is not None:
+        if listing is not None and not self._departed.get(room_id, set()) & set(user_ids):
             listed = listing.states(user_ids)
             if listed is not None:
                 return listed

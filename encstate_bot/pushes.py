@@ -70,7 +70,11 @@ class Pushes:
         items: list[OutboxItem] = []
         ignored: list[AuditRow] = []
         actionable: set[Link] | None = None  # read once per call: it walks every link
-        for user_id, membership in membership_changes(events):
+        changes = membership_changes(events)
+        gone = [user_id for user_id, membership in changes if membership in ("leave", "ban")]
+        if gone:
+            self.members.departed(room_id, gone)
+        for user_id, membership in changes:
             if user_id == self.own_user:
                 continue
             items += self._own_room_push(room_id, user_id, membership, ignored)

@@ -30,14 +30,28 @@ import pytest_asyncio
 
 from encstate_bot import bulk_olm, glue
 from encstate_bot import sealer as sealer_module
+from encstate_bot.courier import Approved
 from encstate_bot.gather import Gatherer, RoomContext
 from encstate_bot.glue import BulkOlmStore
+from encstate_bot.links import RoomLinks
 from encstate_bot.members import Members
-from encstate_bot.policy import RoomFacts
+from encstate_bot.policy import ALL, RoomFacts
+from encstate_bot.pushes import Pushes
 from encstate_bot.room_policy import Mode, RoomPolicy
 from encstate_bot.transport import ENCRYPT_SLICE, Transport
 
-from .test_sealer import ADMIN, BOT, MEMBER, ROOM, FakeCourier, World
+from .test_sealer import (
+    ADMIN,
+    BOT,
+    MEMBER,
+    PREVIEW,
+    ROOM,
+    FakeCourier,
+    World,
+    _Device,
+    _Policies,
+    _Policy,
+)
 
 LOG = logging.getLogger("test.huge_seal")
 
@@ -147,6 +161,68 @@ async def test_members_reusing_answers_only_inside_its_block_and_task() -> None:
         calls.clear()
     await members.states(ROOM, {ADMIN, MEMBER, BOT, MEMBER + "2"})
     assert any(p.endswith("/joined_members") for p in calls), calls
+
+
+class JudgingCourier(ListingCourier):
+    """Approves a user's device only if ``Members.states`` says they are in the room, as the
+    real courier's policy does; ``during_keys`` runs while the first wave's keys go out."""
+
+    async def approved_devices(self, room_id, user_ids):
+        self.waves.append(list(user_ids))
+        states = await self.members.states(room_id, set(user_ids))
+        approved = []
+        for user_id in dict.fromkeys(user_ids):
+            membership, _ = states[user_id]
+            if user_id != BOT and membership in ("join", "invite"):
+                approved.append(Approved(_Device(user_id, "DEV", "k", "s"), ALL, membership))
+        return approved, [], _Policy()
+
+
+async def test_a_member_kicked_while_a_seal_goes_out_gets_no_later_waves_key(monkeypatch) -> None:
+    """Each wave decided on the listing read before the first: a member kicked meanwhile (a
+    sync showed it) still got the new value's key in a later wave. Now the sync's leave drops
+    them from the listing in use, and their wave reads their membership afresh."""
+    monkeypatch.setattr(sealer_module, "SEAL_WAVE_USERS", 2, raising=False)
+    world = World()
+    joined = [f"@m{i}:example.org" for i in range(5)]
+    kicked = joined[-1]
+    world.server.members.update({u: "join" for u in joined})
+    courier = JudgingCourier(world.server, world.sealer.members, [])
+    world.sealer.courier = courier
+    pushes = Pushes(
+        BOT,
+        world.store,
+        world.tracker,
+        courier,
+        _Policies(),
+        RoomLinks(world.tracker, BOT, LOG),
+        world.sealer.members,
+        world.book,
+        SimpleNamespace(preview_types=PREVIEW.preview_types, push_on_join=True),
+        LOG,
+    )
+
+    async def kick() -> None:
+        world.server.members[kicked] = "leave"
+        leave = {
+            "type": "m.room.member",
+            "state_key": kicked,
+            "sender": ADMIN,
+            "content": {"membership": "leave"},
+            "unsigned": {"prev_content": {"membership": "join"}},
+        }
+        await pushes.on_members(ROOM, [leave])  # the sync that shows it
+
+    courier.during_keys = kick
+    await world.admin_sets_topic("$t1", "Nightingale")
+    report = await world.sealer.seal_room(ROOM)
+
+    assert len(report.sealed) == 1
+    assert kicked in [u for wave in courier.waves[1:] for u in wave]  # decided after the kick
+    got = {user for user, _ in courier.sent}
+    assert kicked not in got, "a later wave approved the kicked member from the old listing"
+    assert set(joined[:-1]) <= got
+    assert world.sealer.members._departed == {}  # nothing kept once the seal is done
 
 
 # JSON encoded once per delivery ------------------------------------------------------------------

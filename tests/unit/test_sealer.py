@@ -13,10 +13,11 @@ import json
 import logging
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import unquote
 
 from mautrix.api import Method
 from mautrix.crypto.sessions import InboundGroupSession
-from mautrix.errors import MatrixConnectionError
+from mautrix.errors import MatrixConnectionError, MNotFound
 import olm
 
 from encstate_bot import protocol
@@ -141,6 +142,18 @@ class FakeServer:
             else:
                 users = self.joined[room]
             return {"joined": {u: {} for u in users}}
+        if method == Method.GET and "/state/m.room.member/" in path:
+            user = unquote(path.rsplit("/", 1)[1])
+            if user not in self.members:
+                raise MNotFound(404, "no such member")
+            membership = self.members[user]
+            kicked = membership in ("leave", "ban")  # this room's leaves are kicks
+            return {
+                "type": "m.room.member",
+                "state_key": user,
+                "sender": ADMIN if kicked else user,
+                "content": {"membership": membership},
+            }
         if method == Method.PUT and "/state/m.room.encrypted/" in path:
             if self.fail_puts:
                 self.fail_puts -= 1
