@@ -94,6 +94,12 @@ class Members:
             else:
                 self._departed.pop(room_id, None)
 
+    def any_departed(self, room_id: str, user_ids: Iterable[str]) -> bool:
+        """Whether a sync saw one of these users leave or be banned while a listing of the
+        room is reused (a decision taken on it before then is stale)."""
+        departed = self._departed.get(room_id)
+        return bool(departed) and not departed.isdisjoint(user_ids)
+
     def departed(self, room_id: str, user_ids: Iterable[str]) -> None:
         """A sync saw these users leave the room or be banned from it: no listing read before
         answers for them any more."""
@@ -112,7 +118,7 @@ class Members:
         the listing answers for the users it names, unless a sync saw one of them leave or be
         banned since (``departed``)."""
         listing = (_LISTED.get() or {}).get(room_id)
-        if listing is not None and not self._departed.get(room_id, set()) & set(user_ids):
+        if listing is not None and not self.any_departed(room_id, user_ids):
             listed = listing.states(user_ids)
             if listed is not None:
                 return listed

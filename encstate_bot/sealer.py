@@ -342,6 +342,12 @@ class Sealer:
                         )
                     approved, wave_refused, _ = await upcoming
                     upcoming = None
+                    if self.members.any_departed(room_id, wave):
+                        # decided while the last wave went out, before a sync showed someone
+                        # of this wave leave or be banned: decide again on fresh memberships
+                        approved, wave_refused, _ = await self.courier.approved_devices(
+                            room_id, wave
+                        )
                     if index + 1 < len(waves):
                         upcoming = asyncio.create_task(
                             self.courier.approved_devices(room_id, waves[index + 1])
