@@ -348,13 +348,7 @@ class EncStateBot(Plugin):
         # Key requests are answered all along.
         started, sealed = time.monotonic(), 0
         for room_id in self.intake.to_seal if self.sending else []:
-            if not self.policies.get(room_id).seal:
-                continue
-            try:
-                sealed += len((await self.sealer.seal_room(room_id, limited=True)).sealed)
-            except Exception:
-                self.log.exception(f"Sealing {room_id} failed; trying again shortly")
-                self.sealer.mark(room_id)
+            sealed += await self.sealer.seal_now(room_id)
         self.intake.ready.set()
         self.log.info(
             f"Ready: {len(self.intake.to_seal)} room(s) looked at for seals in "

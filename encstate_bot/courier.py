@@ -62,10 +62,6 @@ class Approved:
     membership: str
 
 
-def lane_of(item: OutboxItem) -> str:
-    return lane(item.trigger)
-
-
 class Courier:
     def __init__(
         self,
@@ -111,7 +107,7 @@ class Courier:
     async def submit(self, items: Iterable[OutboxItem]) -> int:
         items = list(items)
         count = await self.store.enqueue(items)
-        for name in {lane_of(i) for i in items}:
+        for name in {lane(i.trigger) for i in items}:
             self._wake[name].set()
         return count
 

@@ -3,7 +3,7 @@
 
 ``health`` answers 200 with a small JSON when the bot can do its job, 503 (same JSON, with the
 problems named) when it cannot: no end-to-end encryption, a sync that stopped, the start-up
-rescan still running, answers stuck in the queue. ``metrics`` is the Prometheus text format,
+not done yet, answers stuck in the queue. ``metrics`` is the Prometheus text format,
 written with ``prometheus_client`` (which maubot's own image does not ship: without it the
 endpoint says to install it, and ``health`` still works).
 
@@ -131,7 +131,10 @@ class Health:
             problems.append(f"no sync processed for {since:.0f} s")
         ready = self.ready()
         if not ready:
-            problems.append("starting: the start-up rescan is still running")
+            problems.append(
+                "starting: the start-up rescan, the pushes it owes and the first sealing pass "
+                "are not done yet"
+            )
         queue = await self.store.queue_stats()
         lanes = {
             lane: {

@@ -71,11 +71,6 @@ class Members:
                 invited.append(evt["state_key"])
         return Listing(room_id, joined, invited)
 
-    async def joined_and_invited(self, room_id: str) -> tuple[list[str], list[str]]:
-        """(joined, invited) users of the room."""
-        listing = await self.listing(room_id)
-        return listing.joined, listing.invited
-
     @contextmanager
     def reusing(self, listing: Listing) -> Iterator[None]:
         """Within this block, ``states`` answers from ``listing`` for the users it names, in

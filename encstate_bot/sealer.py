@@ -128,15 +128,7 @@ class Sealer:
             due = [room for room, at in self._due.items() if at <= now]
             for room_id in due:
                 self._due.pop(room_id, None)
-                if not self.policies.get(room_id).seal:
-                    continue
-                try:
-                    await self.seal_room(room_id, limited=True)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    self.log.exception(f"Sealing {room_id} failed; trying again shortly")
-                    self.mark(room_id, RETRY_SECONDS)
+                await self.seal_now(room_id)
             self._wake.clear()
             if self._due:
                 wait = max(TICK_SECONDS, min(self._due.values()) - time.monotonic())
@@ -146,6 +138,21 @@ class Sealer:
                 await asyncio.wait_for(self._wake.wait(), wait)
             except asyncio.TimeoutError:
                 pass
+
+    async def seal_now(self, room_id: str) -> int:
+        """Seal the room's current values where its policy seals (what can be sealed now; a
+        failure is logged and the room tried again after RETRY_SECONDS). Returns the values
+        sealed."""
+        if not self.policies.get(room_id).seal:
+            return 0
+        try:
+            return len((await self.seal_room(room_id, limited=True)).sealed)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.log.exception(f"Sealing {room_id} failed; trying again shortly")
+            self.mark(room_id, RETRY_SECONDS)
+            return 0
 
     # Planning -----------------------------------------------------------------------------------
 

@@ -77,7 +77,7 @@ async def test_each_problem_makes_it_unhealthy_and_is_named() -> None:
         (health(encryption=Encryption("no device ID")), "no device ID"),
         (health(sending=False), "keys are not sent"),
         (health(last_sync=500), "no sync processed for 500 s"),
-        (health(ready=False), "start-up rescan is still running"),
+        (health(ready=False), "the first sealing pass are not done yet"),
         (health(store=Store(oldest_fast_s=300)), "the oldest answer has waited 300 s"),
     ]
     for checked, words in cases:
