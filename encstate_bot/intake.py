@@ -17,7 +17,7 @@ from collections import OrderedDict
 import json
 import logging
 import time
-from typing import Any, Awaitable, Iterable
+from typing import Any, Awaitable, Collection, Iterable
 import uuid
 
 from mautrix.api import Method, Path
@@ -131,6 +131,10 @@ class Intake:
         # the position stays where it is.
         self._filling: dict[str, int] = {}
         self._lost: set[str] = set()
+        self._first_reads: set[str] = set()  # rooms whose first read-back is running
+        # rooms whose read-back from the position met the bot's own join (it was out of the
+        # room at the position: what was sent while it was away lies before the position)
+        self._rejoins_read: set[str] = set()
         self._sync_seen = False
         # room -> session -> when it gained: gains while the rescan runs, for its pass
         self._gained_at_start: dict[str, dict[str, float]] = {}
@@ -349,6 +353,8 @@ class Intake:
             room_id, state + [e for e in timeline if "state_key" in e]
         )
         if live:
+            # a limited sync's gap can hide a leave or ban: its state section shows it
+            self.pushes.departed(room_id, state)
             await self.pushes.on_members(room_id, timeline)
             for user_id, membership in membership_changes(timeline):
                 if membership == "knock":
@@ -357,15 +363,18 @@ class Intake:
                     )
         if not self.tracker.tracked(room_id):
             return links_changed
+        first = not was_tracked or room_id not in self.tracker.backfilled
+        # Back in a room it had left: the last sync says nothing of the events sent while the
+        # bot was away (they may be older than it), so read back to an event it knew before
+        # this sync (whose state section holds the values set meanwhile).
+        known = self.tracker.ledger(room_id).known() if rejoined and not first else None
         await self.tracker.ingest(room_id, state + timeline, current=True)
-        if not was_tracked or room_id not in self.tracker.backfilled:
+        if first and room_id not in self._first_reads:
             self.spawn(self.catch_up(room_id, None), f"encstate-backfill-{room_id}")
-        elif rejoined:
-            # Back in a room it had left: the last sync says nothing of the events sent while
-            # the bot was away (they may be older than it), so read back to an event it knew.
+        elif known is not None:
             self._filling[room_id] = self._filling.get(room_id, 0) + 1
             self.spawn(
-                self._fill_gap(room_id, timeline_data.get("prev_batch"), None),
+                self._fill_gap(room_id, timeline_data.get("prev_batch"), None, known),
                 f"encstate-rejoin-{room_id}",
             )
         elif timeline_data.get("limited") and timeline_data.get("prev_batch"):
@@ -377,10 +386,16 @@ class Intake:
             )
         return links_changed
 
-    async def _fill_gap(self, room_id: str, prev_batch: str | None, to: str | None) -> None:
+    async def _fill_gap(
+        self,
+        room_id: str,
+        prev_batch: str | None,
+        to: str | None,
+        stop_at: Collection[str] | None = None,
+    ) -> None:
         done = False
         try:
-            done = await self.catch_up(room_id, prev_batch, to=to)
+            done = await self.catch_up(room_id, prev_batch, to=to, stop_at=stop_at)
         finally:
             left = self._filling.get(room_id, 1) - 1
             if left > 0:
@@ -437,6 +452,12 @@ class Intake:
                 else:
                     unchanged += 1  # no event since the position: nothing to read
             done = await self._bounded(catch_ups)
+            # rooms the bot was out of at the position: read the time away too
+            again = sorted(self._rejoins_read)
+            self._rejoins_read.clear()
+            done += await self._bounded(
+                self._start_catch_up(room_id, before_start=True) for room_id in again
+            )
             self._caught_up = all(done)
             await self.tracker.settle_pending()
             await self.react()
@@ -514,13 +535,34 @@ class Intake:
         from_token: str | None,
         to: str | None = None,
         before_start: bool = False,
+        stop_at: Collection[str] | None = None,
     ) -> bool:
         """Page back through the timeline until an event the ledger knows (``before_start``:
-        knew before this start), the sync position ``to`` (the homeserver stops there, and
-        every event before it is known), or the limit. The first read of a room goes on to the
-        limit or the room's start: what the ledger knows then came from /state or this sync,
-        and older values of those sessions lie behind them. False if a page could not be
-        read."""
+        knew before this start; ``stop_at``: one of these), the sync position ``to`` (the
+        homeserver stops there, and every event before it is known), or the limit. The first
+        read of a room goes on to the limit or the room's start: what the ledger knows then
+        came from /state or this sync, and older values of those sessions lie behind them;
+        one runs per room at a time (the syncs meanwhile are ingested as they come). False if
+        a page could not be read."""
+        first_time = room_id not in self.tracker.backfilled
+        if not first_time:
+            return await self._catch_up(room_id, from_token, to, before_start, stop_at)
+        if room_id in self._first_reads:
+            return True  # the running first read covers what came before this call
+        self._first_reads.add(room_id)
+        try:
+            return await self._catch_up(room_id, from_token, to, before_start, stop_at)
+        finally:
+            self._first_reads.discard(room_id)
+
+    async def _catch_up(
+        self,
+        room_id: str,
+        from_token: str | None,
+        to: str | None,
+        before_start: bool,
+        stop_at: Collection[str] | None,
+    ) -> bool:
         ledger = self.tracker.ledger(room_id)
         first_time = room_id not in self.tracker.backfilled
         fresh = (self.tracker.fresh or ()) if before_start else ()
@@ -554,7 +596,12 @@ class Intake:
             newer: list[dict[str, Any]] = []
             for event in chunk:
                 event_id = event.get("event_id")
-                if (
+                if to and self._own_rejoin(event):
+                    self._rejoins_read.add(room_id)
+                if stop_at is not None:
+                    if event_id in stop_at:
+                        break
+                elif (
                     not to
                     and not first_time
                     and (event_id in ledger.events or event_id in ledger.messages)
@@ -588,6 +635,18 @@ class Intake:
                 "remain: the sync position stays until they are read"
             )
         return not cut
+
+    def _own_rejoin(self, event: dict[str, Any]) -> bool:
+        """The bot's own join to a room it was not joined to (or may not have been: without
+        the previous membership, to be safe)."""
+        if event.get("type") != "m.room.member" or event.get("state_key") != self.client.mxid:
+            return False
+        content = event.get("content") if isinstance(event.get("content"), dict) else {}
+        if content.get("membership") != "join":
+            return False
+        unsigned = event.get("unsigned") if isinstance(event.get("unsigned"), dict) else {}
+        prev = unsigned.get("prev_content")
+        return not isinstance(prev, dict) or prev.get("membership") != "join"
 
     # The sync position -------------------------------------------------------------------------
 

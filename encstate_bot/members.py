@@ -6,9 +6,9 @@ The policy decides on memberships read at send time, never on what a sync said e
 from __future__ import annotations
 
 import asyncio
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
-from typing import Any, Iterable, Iterator
+from typing import Any, AsyncIterator, Iterable, Iterator
 
 from attr import dataclass
 from mautrix.api import Method, Path
@@ -71,18 +71,34 @@ class Members:
                 invited.append(evt["state_key"])
         return Listing(room_id, joined, invited)
 
+    @asynccontextmanager
+    async def listed(self, room_id: str) -> AsyncIterator[Listing]:
+        """The room's listing, read now and reused within this block (``reusing``); a leave
+        or ban a sync shows from before the listing is read until the block ends counts."""
+        with self._watching(room_id):
+            listing = await self.listing(room_id)
+            with self.reusing(listing):
+                yield listing
+
     @contextmanager
     def reusing(self, listing: Listing) -> Iterator[None]:
         """Within this block, ``states`` answers from ``listing`` for the users it names, in
         this task and the tasks started in it (no other task sees it): what is decided on it
         was read when the listing was, as if one listing had been read for all of them."""
-        room_id = listing.room_id
-        token = _LISTED.set({**(_LISTED.get() or {}), room_id: listing})
+        token = _LISTED.set({**(_LISTED.get() or {}), listing.room_id: listing})
+        try:
+            with self._watching(listing.room_id):
+                yield
+        finally:
+            _LISTED.reset(token)
+
+    @contextmanager
+    def _watching(self, room_id: str) -> Iterator[None]:
+        """Within this block, ``departed`` keeps what it is told of the room."""
         self._reused[room_id] = self._reused.get(room_id, 0) + 1
         try:
             yield
         finally:
-            _LISTED.reset(token)
             left = self._reused.pop(room_id) - 1
             if left:
                 self._reused[room_id] = left

@@ -32,6 +32,7 @@ from .triggers import Trigger
 # A newcomer waits for at most this many sessions the bot cannot read yet (someone able to send
 # state could otherwise make every join cost a row per undecryptable value, for 30 days).
 MAX_PENDING_PER_JOIN = 20
+GONE = ("leave", "ban")  # memberships that end a member's reach
 
 
 class Pushes:
@@ -66,15 +67,19 @@ class Pushes:
 
     # Membership changes -----------------------------------------------------------------------
 
+    def departed(self, room_id: str, events: list[dict[str, Any]]) -> None:
+        """Tell the member listings in use (a seal's waves) who these events show leaving or
+        banned: they are read afresh."""
+        gone = [u for u, membership in membership_changes(events) if membership in GONE]
+        if gone:
+            self.members.departed(room_id, gone)
+
     async def on_members(self, room_id: str, events: list[dict[str, Any]]) -> None:
         items: list[OutboxItem] = []
         ignored: list[AuditRow] = []
         actionable: set[Link] | None = None  # read once per call: it walks every link
-        changes = membership_changes(events)
-        gone = [user_id for user_id, membership in changes if membership in ("leave", "ban")]
-        if gone:
-            self.members.departed(room_id, gone)
-        for user_id, membership in changes:
+        self.departed(room_id, events)
+        for user_id, membership in membership_changes(events):
             if user_id == self.own_user:
                 continue
             items += self._own_room_push(room_id, user_id, membership, ignored)

@@ -287,8 +287,7 @@ class Sealer:
             await self.store.put_seal(seal)
             self.book.finish(seal)
             self.log.info(f"Seal {seal.session_id} of {room_id} was sent as {seal.event_id}")
-            listing = await self.members.listing(room_id)
-            with self.members.reusing(listing):  # one member listing, not two
+            async with self.members.listed(room_id) as listing:  # one listing, not two
                 approved, _, _ = await self.courier.approved_devices(
                     room_id, listing.joined + listing.invited
                 )
@@ -329,9 +328,6 @@ class Sealer:
         events, the refusals). The room is listed once; its users go in waves of
         SEAL_WAVE_USERS (the devices, trust and Olm work of one wave in memory at a time),
         the next wave's devices looked up while this one's keys go out."""
-        listing = await self.members.listing(room_id)
-        users = listing.joined + listing.invited
-        waves = [users[i : i + SEAL_WAVE_USERS] for i in range(0, len(users), SEAL_WAVE_USERS)]
         # One m.room_key dict per seal, shared by every device: its JSON is encoded once.
         room_keys = {seal.session_id: seal.room_key() for seal in made}
         preview = self.config.preview_types
@@ -340,7 +336,9 @@ class Sealer:
         later_plan: list[tuple[DeviceIdentity, dict[str, Any]]] = []
         refused: list[AuditRow] = []
         upcoming: asyncio.Task | None = None
-        with self.members.reusing(listing):
+        async with self.members.listed(room_id) as listing:
+            users = listing.joined + listing.invited
+            waves = [users[i : i + SEAL_WAVE_USERS] for i in range(0, len(users), SEAL_WAVE_USERS)]
             try:
                 for index, wave in enumerate(waves):
                     if upcoming is None:

@@ -164,6 +164,9 @@ class Pushes:
     def __init__(self) -> None:
         self.members: list[tuple[str, list[str]]] = []
 
+    def departed(self, room_id: str, events: list[dict[str, Any]]) -> None:
+        pass
+
     async def on_members(self, room_id: str, events: list[dict[str, Any]]) -> None:
         joined = [e["state_key"] for e in events if e.get("type") == "m.room.member"]
         if joined:

@@ -91,6 +91,9 @@ class FakePushes:
         self.hold: dict[str, asyncio.Event] = {}  # room -> released when on_new_state may end
         self.new_state: list[tuple[str, set[str]]] = []
 
+    def departed(self, room_id: str, events: Any) -> None:
+        pass
+
     async def on_members(self, room_id: str, events: Any) -> None:
         pass
 
