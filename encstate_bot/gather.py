@@ -97,6 +97,7 @@ class Gatherer:
             users_default=view.users_default,
             history_visibility=view.history_visibility,
             policy=self.policies.get(room_id),
+            history_unread=self.tracker.history_unread(room_id),
         )
 
     async def room(self, room_id: str, items: list[OutboxItem]) -> RoomContext:

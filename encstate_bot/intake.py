@@ -17,7 +17,7 @@ from collections import OrderedDict
 import json
 import logging
 import time
-from typing import Any, Awaitable, Collection, Iterable
+from typing import Any, Awaitable, Iterable
 import uuid
 
 from mautrix.api import Method, Path
@@ -33,7 +33,7 @@ from .links import RoomLinks
 from .members import membership_changes
 from .pushes import Pushes
 from .sealer import Sealer
-from .store import Store
+from .store import Store, UnreadHistory
 from .tasks import stop_all
 from .tracker import Tracker
 
@@ -363,18 +363,17 @@ class Intake:
                     )
         if not self.tracker.tracked(room_id):
             return links_changed
-        first = not was_tracked or room_id not in self.tracker.backfilled
-        # Back in a room it had left: the last sync says nothing of the events sent while the
-        # bot was away (they may be older than it), so read back to an event it knew before
-        # this sync (whose state section holds the values set meanwhile).
-        known = self.tracker.ledger(room_id).known() if rejoined and not first else None
         await self.tracker.ingest(room_id, state + timeline, current=True)
+        first = not was_tracked or room_id not in self.tracker.backfilled
         if first and room_id not in self._first_reads:
             self.spawn(self.catch_up(room_id, None), f"encstate-backfill-{room_id}")
-        elif known is not None:
+        elif rejoined:
+            # Back in a room it had left (also while its first read runs, which began before
+            # the bot left): the last sync says nothing of the events sent while the bot was
+            # away (they may be older than it), so read back to the bot's own leave.
             self._filling[room_id] = self._filling.get(room_id, 0) + 1
             self.spawn(
-                self._fill_gap(room_id, timeline_data.get("prev_batch"), None, known),
+                self._fill_gap(room_id, timeline_data.get("prev_batch"), None, away=True),
                 f"encstate-rejoin-{room_id}",
             )
         elif timeline_data.get("limited") and timeline_data.get("prev_batch"):
@@ -387,15 +386,11 @@ class Intake:
         return links_changed
 
     async def _fill_gap(
-        self,
-        room_id: str,
-        prev_batch: str | None,
-        to: str | None,
-        stop_at: Collection[str] | None = None,
+        self, room_id: str, prev_batch: str | None, to: str | None, away: bool = False
     ) -> None:
         done = False
         try:
-            done = await self.catch_up(room_id, prev_batch, to=to, stop_at=stop_at)
+            done = await self.catch_up(room_id, prev_batch, to=to, away=away)
         finally:
             left = self._filling.get(room_id, 1) - 1
             if left > 0:
@@ -436,6 +431,7 @@ class Intake:
             rooms = set(await self.client.get_joined_rooms())
             self.links.set_joined(rooms)
             since = await self._load_position()
+            cut_before = await self._load_unread()
             probe = await self._probe(since)
             await self._bounded(self._rescan_state(room_id) for room_id in rooms)
             read_since = since if probe is not None and probe[1] is not None else None
@@ -456,9 +452,16 @@ class Intake:
             again = sorted(self._rejoins_read)
             self._rejoins_read.clear()
             done += await self._bounded(
-                self._start_catch_up(room_id, before_start=True) for room_id in again
+                self._start_catch_up(room_id, away=True) for room_id in again
             )
             self._caught_up = all(done)
+            # reads a start before cut short go on where they stopped (kept apart from the
+            # position: their rooms' sessions are not forwarded until they are done)
+            await self._bounded(
+                self._resume(unread)
+                for unread in cut_before
+                if unread.room_id in rooms and self.tracker.tracked(unread.room_id)
+            )
             await self.tracker.settle_pending()
             await self.react()
             pushed = await self.pushes.refresh_links()
@@ -519,10 +522,10 @@ class Intake:
             self.log.exception(f"Could not rescan the state of {room_id}")
 
     async def _start_catch_up(
-        self, room_id: str, to: str | None = None, before_start: bool = False
+        self, room_id: str, to: str | None = None, before_start: bool = False, away: bool = False
     ) -> bool:
         try:
-            if await self.catch_up(room_id, None, to=to, before_start=before_start):
+            if await self.catch_up(room_id, None, to=to, before_start=before_start, away=away):
                 return True
         except Exception:
             self.log.exception(f"Could not catch up on {room_id}")
@@ -535,23 +538,36 @@ class Intake:
         from_token: str | None,
         to: str | None = None,
         before_start: bool = False,
-        stop_at: Collection[str] | None = None,
+        away: bool = False,
+        resuming: str | None = None,
     ) -> bool:
         """Page back through the timeline until an event the ledger knows (``before_start``:
-        knew before this start; ``stop_at``: one of these), the sync position ``to`` (the
-        homeserver stops there, and every event before it is known), or the limit. The first
-        read of a room goes on to the limit or the room's start: what the ledger knows then
-        came from /state or this sync, and older values of those sessions lie behind them;
-        one runs per room at a time (the syncs meanwhile are ingested as they come). False if
-        a page could not be read."""
-        first_time = room_id not in self.tracker.backfilled
+        knew before this start), the sync position ``to`` (the homeserver stops there, and
+        every event before it is known), the bot's own leave or ban (``away``: the time the bot
+        was out of a room it joined again), or the limit.
+
+        The first read of a room (not read back before; from its newest event) goes on to the
+        limit or the room's start: what the ledger knows then came from /state or a sync, and
+        older values of those sessions lie behind them. One runs per room at a time: a second
+        call returns at once, since the syncs since the first began are ingested as they come
+        (their gaps and rejoins are read by their own calls).
+
+        A later read the limit cuts short is kept in the database (``Store.unread``) and
+        resumed at the next start, from where it stopped (``resuming``: that token); until
+        then the room's sessions are not forwarded (the policy's ``history_unread``). False if
+        a page could not be read, or the cut read could not be kept."""
+        first_time = (
+            room_id not in self.tracker.backfilled and from_token is None and not to and not away
+        )
         if not first_time:
-            return await self._catch_up(room_id, from_token, to, before_start, stop_at)
+            return await self._catch_up(
+                room_id, from_token, to, before_start, away, False, resuming
+            )
         if room_id in self._first_reads:
-            return True  # the running first read covers what came before this call
+            return True
         self._first_reads.add(room_id)
         try:
-            return await self._catch_up(room_id, from_token, to, before_start, stop_at)
+            return await self._catch_up(room_id, from_token, to, before_start, away, True, None)
         finally:
             self._first_reads.discard(room_id)
 
@@ -561,10 +577,11 @@ class Intake:
         from_token: str | None,
         to: str | None,
         before_start: bool,
-        stop_at: Collection[str] | None,
+        away: bool,
+        first_time: bool,
+        resuming: str | None,
     ) -> bool:
         ledger = self.tracker.ledger(room_id)
-        first_time = room_id not in self.tracker.backfilled
         fresh = (self.tracker.fresh or ()) if before_start else ()
         limit = self.config["backfill_limit"]
         token = from_token
@@ -596,10 +613,10 @@ class Intake:
             newer: list[dict[str, Any]] = []
             for event in chunk:
                 event_id = event.get("event_id")
-                if to and self._own_rejoin(event):
+                if to and self._own_membership(event, rejoin=True):
                     self._rejoins_read.add(room_id)
-                if stop_at is not None:
-                    if event_id in stop_at:
+                if away:
+                    if self._own_membership(event, rejoin=False):
                         break
                 elif (
                     not to
@@ -620,7 +637,7 @@ class Intake:
         else:
             # stopped by backfill_limit with more to read: a later catch-up (not the first
             # sight of a room, whose older history the ledger treats as unknown) left events
-            # unread, so the position must not move past them
+            # unread: kept, to resume (the position may then move past them)
             cut = bool(token) and not first_time
         await self.react()
         if live_members:
@@ -630,18 +647,62 @@ class Intake:
             await self.store.set_backfilled(room_id)
             self.log.info(f"Read back {seen} timeline event(s) of {room_id}")
         if cut:
+            return await self._keep_unread(
+                UnreadHistory(room_id, str(token), to, away), resuming, seen
+            )
+        if resuming is not None:
+            await self.store.drop_unread(room_id, resuming)
+            self._unread_done(room_id, resuming)
+            self.log.info(f"Read the rest of {room_id}'s timeline that a cut read left")
+        return True
+
+    async def _keep_unread(self, unread: UnreadHistory, resuming: str | None, seen: int) -> bool:
+        room_id = unread.room_id
+        try:
+            await self.store.put_unread(unread, replacing=resuming)
+        except Exception as e:
             self.log.warning(
                 f"Read back {seen} timeline event(s) of {room_id}, the backfill_limit, and more "
-                "remain: the sync position stays until they are read"
+                f"remain; could not keep where to resume ({e}): the sync position stays"
             )
-        return not cut
+            return False
+        self.tracker.unread.setdefault(room_id, set()).add(unread.from_token)
+        if resuming is not None:
+            self._unread_done(room_id, resuming)
+        self.log.warning(
+            f"Read back {seen} timeline event(s) of {room_id}, the backfill_limit, and more "
+            "remain: the rest is read at the next start; until then none of the room's sessions "
+            "is forwarded (its seals still go out)"
+        )
+        return True
 
-    def _own_rejoin(self, event: dict[str, Any]) -> bool:
-        """The bot's own join to a room it was not joined to (or may not have been: without
-        the previous membership, to be safe)."""
+    def _unread_done(self, room_id: str, from_token: str) -> None:
+        tokens = self.tracker.unread.get(room_id, set())
+        tokens.discard(from_token)
+        if not tokens:
+            self.tracker.unread.pop(room_id, None)
+
+    async def _resume(self, unread: UnreadHistory) -> None:
+        """Go on with a read a start before cut short (its token, its bound)."""
+        try:
+            await self.catch_up(
+                unread.room_id,
+                unread.from_token,
+                to=unread.to_token,
+                away=unread.away,
+                resuming=unread.from_token,
+            )
+        except Exception:
+            self.log.exception(f"Could not resume reading {unread.room_id}'s timeline")
+
+    def _own_membership(self, event: dict[str, Any], rejoin: bool) -> bool:
+        """``rejoin``: the bot's own join to a room it was not joined to (or may not have
+        been: without the previous membership, to be safe); else its own leave or ban."""
         if event.get("type") != "m.room.member" or event.get("state_key") != self.client.mxid:
             return False
         content = event.get("content") if isinstance(event.get("content"), dict) else {}
+        if not rejoin:
+            return content.get("membership") in ("leave", "ban")
         if content.get("membership") != "join":
             return False
         unsigned = event.get("unsigned") if isinstance(event.get("unsigned"), dict) else {}
@@ -649,6 +710,13 @@ class Intake:
         return not isinstance(prev, dict) or prev.get("membership") != "join"
 
     # The sync position -------------------------------------------------------------------------
+
+    async def _load_unread(self) -> list[UnreadHistory]:
+        try:
+            return await self.store.unread()
+        except Exception as e:
+            self.log.warning(f"Could not read where cut timeline reads resume: {e}")
+            return []
 
     async def _load_position(self) -> str | None:
         try:

@@ -249,10 +249,6 @@ class RoomLedger:
                 order.append(record.session_id)
         return order
 
-    def known(self) -> set[str]:
-        """The IDs of every encrypted event (state or message) recorded: a snapshot."""
-        return set(self.events) | set(self.messages)
-
     def sessions(self) -> set[str]:
         return set(self._state_by_session) | set(self._messages_by_session)
 

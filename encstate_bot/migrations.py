@@ -240,3 +240,17 @@ async def upgrade_v9(conn: Connection) -> None:
             saved_ts   BIGINT NOT NULL
         )"""
     )
+
+
+@upgrade_table.register(description="Timeline reads cut short by backfill_limit, to resume")
+async def upgrade_v10(conn: Connection) -> None:
+    await conn.execute(
+        """CREATE TABLE encstate_unread (
+            room_id    TEXT NOT NULL,
+            from_token TEXT NOT NULL,
+            to_token   TEXT,
+            away       BOOLEAN NOT NULL,
+            since_ts   BIGINT NOT NULL,
+            PRIMARY KEY (room_id, from_token)
+        )"""
+    )

@@ -58,6 +58,9 @@ class RoomFacts:
     users_default: int
     history_visibility: str | None = None
     policy: RoomPolicy = RoomPolicy()
+    # part of the timeline since the bot first read it is not read yet (a cut read, resumed at
+    # the next start): a message of any session may lie there
+    history_unread: bool = False
 
     @property
     def empowered(self) -> bool:
@@ -223,6 +226,12 @@ def decide(
 
     if session.kind == SessionKind.UNKNOWN:
         return Withhold(protocol.UNAVAILABLE, "no encrypted state in this room uses this session")
+    if room.history_unread:
+        return Withhold(
+            protocol.UNAVAILABLE,
+            "part of this room's timeline is not read yet (a read cut short by backfill_limit, "
+            "resumed at the next start): it may hold messages of this session",
+        )
     if session.kind == SessionKind.PENDING:
         return Withhold(protocol.UNAVAILABLE, "the bot does not hold this session yet")
     if session.kind == SessionKind.MESSAGE:

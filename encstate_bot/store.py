@@ -22,6 +22,17 @@ def now_ms() -> int:
 
 
 @dataclass(frozen=True)
+class UnreadHistory:
+    """A timeline read cut short by backfill_limit: resume from ``from_token`` (backwards),
+    down to ``to_token`` (a sync token) or, with ``away``, to the bot's own leave or ban."""
+
+    room_id: str
+    from_token: str
+    to_token: str | None
+    away: bool
+
+
+@dataclass(frozen=True)
 class RoomRow:
     room_id: str
     state_flag: str | None
@@ -880,6 +891,45 @@ class Store:
             "saved_ts=excluded.saved_ts",
             next_batch,
             now_ms(),
+        )
+
+    # Unread history ------------------------------------------------------------------------------
+    # ``encstate_unread`` (migration v10): timeline reads cut short by backfill_limit, each with
+    # where it resumes (the pagination token it stopped at, and the read's own bound: a sync
+    # token ``to_token``, or ``away``: the bot's own leave). A room may have several.
+
+    async def unread(self) -> list[UnreadHistory]:
+        rows = await self.db.fetch(
+            "SELECT room_id, from_token, to_token, away FROM encstate_unread ORDER BY since_ts"
+        )
+        return [
+            UnreadHistory(r["room_id"], r["from_token"], r["to_token"], bool(r["away"]))
+            for r in rows
+        ]
+
+    async def put_unread(self, unread: UnreadHistory, replacing: str | None = None) -> None:
+        """Record where a cut read resumes; ``replacing``: the token of the read it resumed
+        (one step further along the same stretch of timeline)."""
+        async with self.db.acquire() as conn, conn.transaction():
+            if replacing is not None:
+                await conn.execute(
+                    "DELETE FROM encstate_unread WHERE room_id=$1 AND from_token=$2",
+                    unread.room_id,
+                    replacing,
+                )
+            await conn.execute(
+                "INSERT INTO encstate_unread (room_id, from_token, to_token, away, since_ts) "
+                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (room_id, from_token) DO NOTHING",
+                unread.room_id,
+                unread.from_token,
+                unread.to_token,
+                unread.away,
+                now_ms(),
+            )
+
+    async def drop_unread(self, room_id: str, from_token: str) -> None:
+        await self.db.execute(
+            "DELETE FROM encstate_unread WHERE room_id=$1 AND from_token=$2", room_id, from_token
         )
 
     async def delivered_sessions(

@@ -123,6 +123,9 @@ class Tracker:
         self.ledgers: dict[str, RoomLedger] = {}
         self.shared_history: set[tuple[str, str]] = set()
         self.backfilled: set[str] = set()
+        # room -> the pagination tokens its cut timeline reads resume from (Store.unread):
+        # events the bot has not read lie there, so none of the room's sessions is forwarded
+        self.unread: dict[str, set[str]] = {}
         # rooms whose latest events could not be recorded: (events, current) batches in order,
         # retried before anything newer is written; nothing of such a room is shared meanwhile
         self.backlog: dict[str, list[tuple[list[dict[str, Any]], bool]]] = {}
@@ -143,6 +146,8 @@ class Tracker:
                 self.ledgers.setdefault(row.room_id, RoomLedger(row.room_id))
             if row.backfilled:
                 self.backfilled.add(row.room_id)
+        for unread in await self.store.unread():
+            self.unread.setdefault(unread.room_id, set()).add(unread.from_token)
         for rec in await self.store.load_states():
             self.ledger(rec.room_id).add_state(rec)
         for msg in await self.store.load_messages():
@@ -177,6 +182,11 @@ class Tracker:
         if ledger is None:
             ledger = self.ledgers[room_id] = RoomLedger(room_id)
         return ledger
+
+    def history_unread(self, room_id: str) -> bool:
+        """Whether part of the room's timeline since the bot first read it is not read yet
+        (a read cut short by backfill_limit): a message in any session may lie there."""
+        return bool(self.unread.get(room_id))
 
     def tracked(self, room_id: str) -> bool:
         """A room is tracked once its m.room.encryption turns state encryption on."""

@@ -1,0 +1,46 @@
+"""Timeline reads cut short by backfill_limit are kept (``encstate_unread``, migration v10) and
+resumed at the next start; until they are done the room's sessions are not forwarded, since a
+message of any of them may lie in what was not read (a message at a session's highest index
+leaves no gap in the ledger: the session would look state-only). The bot's own seals still go
+out: they never encrypt messages. (The reads themselves: test_final_review_rescan_position.py
+and test_session_review2_reads.py.)"""
+
+from __future__ import annotations
+
+from attr import evolve
+
+from encstate_bot import protocol
+from encstate_bot.policy import SealFacts, Share, Withhold, decide, decide_seal
+from encstate_bot.store import UnreadHistory
+
+from .test_policy import EMPOWERED, HELD, MEMBER, STATE_ONLY
+
+
+def test_a_room_with_unread_history_forwards_no_session_but_still_gives_its_seals() -> None:
+    assert isinstance(decide(EMPOWERED, MEMBER, STATE_ONLY, HELD), Share)
+    unread = evolve(EMPOWERED, history_unread=True)
+    refused = decide(unread, MEMBER, STATE_ONLY, HELD)
+    assert isinstance(refused, Withhold) and refused.code == protocol.UNAVAILABLE
+    assert "not read yet" in refused.reason
+    seal = SealFacts("m.room.name", preview=True, live=True)
+    assert isinstance(decide_seal(unread, MEMBER, seal), Share)
+
+
+async def test_the_store_keeps_each_cut_read_until_it_is_done(store) -> None:
+    assert await store.unread() == []
+    away = UnreadHistory("!a:x", "t10", None, True)
+    bounded = UnreadHistory("!a:x", "t90", "s5", False)
+    await store.put_unread(away)
+    await store.put_unread(bounded)  # a second stretch of the same room's timeline
+    await store.put_unread(UnreadHistory("!b:x", "t3", "s1", False))
+    assert sorted(await store.unread(), key=lambda u: (u.room_id, u.from_token)) == [
+        away,
+        bounded,
+        UnreadHistory("!b:x", "t3", "s1", False),
+    ]
+    # a resumed read cut again: one step further along the same stretch
+    await store.put_unread(UnreadHistory("!a:x", "t40", "s5", False), replacing="t90")
+    assert {u.from_token for u in await store.unread() if u.room_id == "!a:x"} == {"t10", "t40"}
+    await store.drop_unread("!a:x", "t10")
+    await store.drop_unread("!a:x", "t40")
+    assert [u.room_id for u in await store.unread()] == ["!b:x"]
