@@ -87,8 +87,13 @@ class Bundles:
     async def contents(self, room_id: str, user_id: str) -> tuple[list[dict], list[dict]]:
         """The bundle for someone the bot invited: (room keys, withheld), as the planner
         decides it for the membership the homeserver reports now."""
-        if self.tracker.ledgers.get(room_id) is None or not self.tracker.complete(room_id):
-            # a room whose latest events are not recorded may hide messages in its sessions
+        if (
+            self.tracker.ledgers.get(room_id) is None
+            or not self.tracker.complete(room_id)
+            or self.tracker.being_read(room_id)
+        ):
+            # a room whose latest events are not recorded (or whose timeline is being read
+            # back) may hide messages in its sessions
             return [], []
         item = OutboxItem(room_id=room_id, user_id=user_id, trigger=Trigger.BOT_INVITE)
         context = await self.gather.room(room_id, [item])

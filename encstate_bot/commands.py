@@ -267,6 +267,12 @@ class Commands:
                 "Recent events of this room could not be recorded yet: the bot shares nothing "
                 "from it until they are."
             )
+        if self.tracker.history_unread(room):
+            reply.line(
+                "Part of this room's timeline is still to be read back (a read cut short at "
+                "backfill_limit, or the time the bot was out of the room): no session is "
+                "forwarded until it is; seals still go out."
+            )
         if missing:
             asking = ", ".join(map(short_id, missing))
             reply.line(f"Sessions the bot is still asking for: {asking}")

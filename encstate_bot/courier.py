@@ -204,6 +204,10 @@ class Courier:
                 self.log.warning(f"{room_id} has events not recorded yet; retrying later")
                 skipped += room_items
                 continue
+            if self.tracker.being_read(room_id):
+                self.log.info(f"{room_id}'s timeline is being read back; retrying later")
+                skipped += room_items
+                continue
             try:
                 contexts[room_id] = await self.gather.room(room_id, room_items)
             except (MatrixRequestError, MatrixConnectionError) as e:

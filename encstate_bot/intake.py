@@ -47,6 +47,10 @@ RESCAN_CONCURRENCY = 8
 # The sync position is written at most this often while syncs run (and at the end of the
 # rescan and at stop): a start after a crash reads back at most this much more.
 POSITION_SAVE_SECONDS = 10.0
+# A read the limit cut short goes on this long after (backfill_limit events at a time).
+RESUME_DELAY_SECONDS = 0.5
+# Pages in a row the homeserver filters out entirely before a read goes on later instead.
+MAX_EMPTY_PAGES = 20
 
 
 class Origins:
@@ -132,9 +136,6 @@ class Intake:
         self._filling: dict[str, int] = {}
         self._lost: set[str] = set()
         self._first_reads: set[str] = set()  # rooms whose first read-back is running
-        # rooms whose read-back from the position met the bot's own join (it was out of the
-        # room at the position: what was sent while it was away lies before the position)
-        self._rejoins_read: set[str] = set()
         self._sync_seen = False
         # room -> session -> when it gained: gains while the rescan runs, for its pass
         self._gained_at_start: dict[str, dict[str, float]] = {}
@@ -369,13 +370,16 @@ class Intake:
             self.spawn(self.catch_up(room_id, None), f"encstate-backfill-{room_id}")
         elif rejoined:
             # Back in a room it had left (also while its first read runs, which began before
-            # the bot left): the last sync says nothing of the events sent while the bot was
-            # away (they may be older than it), so read back to the bot's own leave.
+            # the bot left). What was sent since the last sync is read as a gap; what was sent
+            # while the bot was away before it, from the last sync back to the bot's own leave,
+            # is kept as a read to do (so the position may move on meanwhile).
             self._filling[room_id] = self._filling.get(room_id, 0) + 1
-            self.spawn(
-                self._fill_gap(room_id, timeline_data.get("prev_batch"), None, away=True),
-                f"encstate-rejoin-{room_id}",
-            )
+            prev_batch = timeline_data.get("prev_batch")
+            if self._last_batch is None:
+                read = self._fill_gap(room_id, prev_batch, None, away=True)
+            else:
+                read = self._read_away(room_id, self._last_batch, prev_batch)
+            self.spawn(read, f"encstate-rejoin-{room_id}")
         elif timeline_data.get("limited") and timeline_data.get("prev_batch"):
             # The gap lies between the last sync processed (when there was one) and this one.
             self._filling[room_id] = self._filling.get(room_id, 0) + 1
@@ -431,7 +435,7 @@ class Intake:
             rooms = set(await self.client.get_joined_rooms())
             self.links.set_joined(rooms)
             since = await self._load_position()
-            cut_before = await self._load_unread()
+            unread = await self._load_unread()
             probe = await self._probe(since)
             await self._bounded(self._rescan_state(room_id) for room_id in rooms)
             read_since = since if probe is not None and probe[1] is not None else None
@@ -448,20 +452,12 @@ class Intake:
                 else:
                     unchanged += 1  # no event since the position: nothing to read
             done = await self._bounded(catch_ups)
-            # rooms the bot was out of at the position: read the time away too
-            again = sorted(self._rejoins_read)
-            self._rejoins_read.clear()
-            done += await self._bounded(
-                self._start_catch_up(room_id, away=True) for room_id in again
-            )
             self._caught_up = all(done)
-            # reads a start before cut short go on where they stopped (kept apart from the
-            # position: their rooms' sessions are not forwarded until they are done)
-            await self._bounded(
-                self._resume(unread)
-                for unread in cut_before
-                if unread.room_id in rooms and self.tracker.tracked(unread.room_id)
-            )
+            # reads kept to do (cut short, or the time away from a room) go on in the
+            # background: their rooms' sessions are not forwarded until they are done
+            for later in unread:
+                if later.room_id in rooms and self.tracker.tracked(later.room_id):
+                    self._resume_soon(later, 0)
             await self.tracker.settle_pending()
             await self.react()
             pushed = await self.pushes.refresh_links()
@@ -522,10 +518,10 @@ class Intake:
             self.log.exception(f"Could not rescan the state of {room_id}")
 
     async def _start_catch_up(
-        self, room_id: str, to: str | None = None, before_start: bool = False, away: bool = False
+        self, room_id: str, to: str | None = None, before_start: bool = False
     ) -> bool:
         try:
-            if await self.catch_up(room_id, None, to=to, before_start=before_start, away=away):
+            if await self.catch_up(room_id, None, to=to, before_start=before_start):
                 return True
         except Exception:
             self.log.exception(f"Could not catch up on {room_id}")
@@ -542,9 +538,9 @@ class Intake:
         resuming: str | None = None,
     ) -> bool:
         """Page back through the timeline until an event the ledger knows (``before_start``:
-        knew before this start), the sync position ``to`` (the homeserver stops there, and
-        every event before it is known), the bot's own leave or ban (``away``: the time the bot
-        was out of a room it joined again), or the limit.
+        knew before this start), the sync token ``to`` (the homeserver stops there, and every
+        event before it is known), the bot's own leave or ban (``away``: the time the bot was
+        out of a room it joined again), or the limit.
 
         The first read of a room (not read back before; from its newest event) goes on to the
         limit or the room's start: what the ledger knows then came from /state or a sync, and
@@ -552,24 +548,31 @@ class Intake:
         call returns at once, since the syncs since the first began are ingested as they come
         (their gaps and rejoins are read by their own calls).
 
-        A later read the limit cuts short is kept in the database (``Store.unread``) and
-        resumed at the next start, from where it stopped (``resuming``: that token); until
-        then the room's sessions are not forwarded (the policy's ``history_unread``). False if
-        a page could not be read, or the cut read could not be kept."""
+        While any read of a room runs, the room's sessions are not forwarded (part of its
+        timeline is not read yet). A later read the limit cuts short is kept in the database
+        (``Store.unread``) and goes on in the background where it stopped (``resuming``: that
+        token); the room's sessions wait for it too. A read bounded by ``to`` that shows the
+        bot out of the room at ``to`` (the oldest own membership event it met was a join to a
+        room it was not in) keeps the time away before ``to`` as a read to do. False if a page
+        could not be read, or what is left to read could not be kept."""
         first_time = (
             room_id not in self.tracker.backfilled and from_token is None and not to and not away
         )
-        if not first_time:
-            return await self._catch_up(
-                room_id, from_token, to, before_start, away, False, resuming
-            )
-        if room_id in self._first_reads:
+        if first_time and room_id in self._first_reads:
             return True
-        self._first_reads.add(room_id)
+        if first_time:
+            self._first_reads.add(room_id)
+        self.tracker.reading[room_id] = self.tracker.reading.get(room_id, 0) + 1
         try:
-            return await self._catch_up(room_id, from_token, to, before_start, away, True, None)
+            return await self._catch_up(
+                room_id, from_token, to, before_start, away, first_time, resuming
+            )
         finally:
-            self._first_reads.discard(room_id)
+            left = self.tracker.reading.pop(room_id) - 1
+            if left:
+                self.tracker.reading[room_id] = left
+            if first_time:
+                self._first_reads.discard(room_id)
 
     async def _catch_up(
         self,
@@ -585,8 +588,9 @@ class Intake:
         fresh = (self.tracker.fresh or ()) if before_start else ()
         limit = self.config["backfill_limit"]
         token = from_token
-        seen = 0
+        seen = empty = 0
         live_members: list[dict[str, Any]] = []
+        oldest_own: dict[str, Any] | None = None  # the oldest own membership event met
         cut = False
         while seen < limit:
             query: dict[str, Any] = {
@@ -605,24 +609,33 @@ class Intake:
                 self.log.warning(f"Could not read the timeline of {room_id}: {e}")
                 return False
             chunk = [e for e in resp.get("chunk", []) if isinstance(e, dict)]
+            end = resp.get("end")
             if not chunk:
-                break
+                # a page the homeserver filtered out entirely still goes on (its ``end``)
+                empty += 1
+                if not isinstance(end, str) or not end or end == token:
+                    break
+                token = end
+                if empty >= MAX_EMPTY_PAGES:
+                    break
+                continue
+            empty = 0
             seen += len(chunk)
             # Events newer than the newest one the ledger knows happened while the bot was
             # away: their joins still deserve a push. Older ones were handled before.
             newer: list[dict[str, Any]] = []
             for event in chunk:
                 event_id = event.get("event_id")
-                if to and self._own_membership(event, rejoin=True):
-                    self._rejoins_read.add(room_id)
+                own = self._own_membership(event)
+                if own is not None:
+                    oldest_own = event
                 if away:
-                    if self._own_membership(event, rejoin=False):
+                    if own in ("leave", "ban"):
                         break
                 elif (
                     not to
                     and not first_time
-                    and (event_id in ledger.events or event_id in ledger.messages)
-                    and event_id not in fresh
+                    and self._known(ledger, event_id, fresh, resumed=resuming is not None)
                 ):
                     break
                 newer.append(event)
@@ -631,14 +644,16 @@ class Intake:
             await self.tracker.ingest(room_id, chunk)
             if not first_time:
                 live_members = list(reversed(newer)) + live_members
-            token = resp.get("end")
+            token = end
             if known or not token:
                 break
         else:
             # stopped by backfill_limit with more to read: a later catch-up (not the first
             # sight of a room, whose older history the ledger treats as unknown) left events
-            # unread: kept, to resume (the position may then move past them)
+            # unread: kept, to go on with (the position may then move past them)
             cut = bool(token) and not first_time
+        if empty >= MAX_EMPTY_PAGES and token:
+            cut = not first_time  # a homeserver paging through nothing: go on later
         await self.react()
         if live_members:
             await self.pushes.on_members(room_id, live_members)
@@ -646,34 +661,89 @@ class Intake:
             self.tracker.backfilled.add(room_id)
             await self.store.set_backfilled(room_id)
             self.log.info(f"Read back {seen} timeline event(s) of {room_id}")
+        if to and oldest_own is not None and not await self._away_at(room_id, to, oldest_own):
+            return False
         if cut:
+            if token == resuming:
+                self.log.warning(
+                    f"The homeserver gave no further page of {room_id}'s timeline: reading on "
+                    "at the next start"
+                )
+                return False
             return await self._keep_unread(
                 UnreadHistory(room_id, str(token), to, away), resuming, seen
             )
         if resuming is not None:
             await self.store.drop_unread(room_id, resuming)
             self._unread_done(room_id, resuming)
-            self.log.info(f"Read the rest of {room_id}'s timeline that a cut read left")
+            self.log.info(f"Read the rest of {room_id}'s timeline that was left to read")
         return True
 
-    async def _keep_unread(self, unread: UnreadHistory, resuming: str | None, seen: int) -> bool:
+    @staticmethod
+    def _known(ledger: Any, event_id: Any, fresh: Any, resumed: bool) -> bool:
+        """Whether a read back stops at this event: one the ledger recorded (before this
+        start, with ``fresh``). A resumed read stops only at a message or a superseded value:
+        a current value may have come from /state, which says nothing of what came before."""
+        if event_id in fresh:
+            return False
+        if event_id in ledger.messages:
+            return True
+        record = ledger.events.get(event_id)
+        return record is not None and not (resumed and ledger.is_current(record))
+
+    async def _away_at(self, room_id: str, to: str, oldest_own: dict[str, Any]) -> bool:
+        """A read bounded by the sync token ``to`` met the bot's own membership events: the
+        oldest one's previous membership says whether the bot was in the room at ``to``. If
+        not, the time away before ``to`` (back to its own leave) is kept as a read to do; if
+        it was, a read of that kind kept by an earlier part of this read is dropped."""
+        unsigned = oldest_own.get("unsigned")
+        prev = unsigned.get("prev_content") if isinstance(unsigned, dict) else None
+        joined = isinstance(prev, dict) and prev.get("membership") == "join"
+        if joined:
+            if to in self.tracker.unread.get(room_id, ()):
+                await self.store.drop_unread(room_id, to)
+                self._unread_done(room_id, to)
+            return True
+        if to in self.tracker.unread.get(room_id, ()):
+            return True
+        return await self._keep_unread(UnreadHistory(room_id, to, None, True), None, None)
+
+    async def _read_away(self, room_id: str, since: str, prev_batch: str | None) -> None:
+        """The bot joined a room again: the time away (from the last sync back to its own
+        leave) is kept as a read to do, and the gap since the last sync is read now."""
+        if not await self._keep_unread(UnreadHistory(room_id, since, None, True), None, None):
+            self._lost.add(room_id)
+        await self._fill_gap(room_id, prev_batch, since)
+
+    async def _keep_unread(
+        self, unread: UnreadHistory, resuming: str | None, seen: int | None
+    ) -> bool:
+        """Keep what is left to read of a room's timeline, and go on with it in the
+        background; the room's sessions are not forwarded meanwhile."""
         room_id = unread.room_id
+        self.tracker.unread.setdefault(room_id, set()).add(unread.from_token)
         try:
             await self.store.put_unread(unread, replacing=resuming)
         except Exception as e:
             self.log.warning(
-                f"Read back {seen} timeline event(s) of {room_id}, the backfill_limit, and more "
-                f"remain; could not keep where to resume ({e}): the sync position stays"
+                f"Could not keep what is left to read of {room_id}'s timeline ({e}): the sync "
+                "position stays"
             )
             return False
-        self.tracker.unread.setdefault(room_id, set()).add(unread.from_token)
         if resuming is not None:
             self._unread_done(room_id, resuming)
-        self.log.warning(
-            f"Read back {seen} timeline event(s) of {room_id}, the backfill_limit, and more "
-            "remain: the rest is read at the next start; until then none of the room's sessions "
-            "is forwarded (its seals still go out)"
-        )
+        if seen is not None:
+            self.log.warning(
+                f"Read back {seen} timeline event(s) of {room_id}, the backfill_limit, and more "
+                "remain: reading on in the background; until then none of the room's sessions "
+                "is forwarded (its seals still go out)"
+            )
+        else:
+            self.log.info(
+                f"The bot was out of {room_id} for a while: reading back over that time; until "
+                "then none of the room's sessions is forwarded (its seals still go out)"
+            )
+        self._resume_soon(unread, RESUME_DELAY_SECONDS)
         return True
 
     def _unread_done(self, room_id: str, from_token: str) -> None:
@@ -682,8 +752,12 @@ class Intake:
         if not tokens:
             self.tracker.unread.pop(room_id, None)
 
-    async def _resume(self, unread: UnreadHistory) -> None:
-        """Go on with a read a start before cut short (its token, its bound)."""
+    def _resume_soon(self, unread: UnreadHistory, delay: float) -> None:
+        self.spawn(self._resume(unread, delay), f"encstate-unread-{unread.room_id}")
+
+    async def _resume(self, unread: UnreadHistory, delay: float) -> None:
+        """Go on with a read kept to do (its token, its bound), after ``delay`` seconds."""
+        await asyncio.sleep(delay)
         try:
             await self.catch_up(
                 unread.room_id,
@@ -693,21 +767,15 @@ class Intake:
                 resuming=unread.from_token,
             )
         except Exception:
-            self.log.exception(f"Could not resume reading {unread.room_id}'s timeline")
+            self.log.exception(f"Could not read on in {unread.room_id}'s timeline")
 
-    def _own_membership(self, event: dict[str, Any], rejoin: bool) -> bool:
-        """``rejoin``: the bot's own join to a room it was not joined to (or may not have
-        been: without the previous membership, to be safe); else its own leave or ban."""
+    def _own_membership(self, event: dict[str, Any]) -> str | None:
+        """The bot's own membership this event sets, if it is one of its member events."""
         if event.get("type") != "m.room.member" or event.get("state_key") != self.client.mxid:
-            return False
+            return None
         content = event.get("content") if isinstance(event.get("content"), dict) else {}
-        if not rejoin:
-            return content.get("membership") in ("leave", "ban")
-        if content.get("membership") != "join":
-            return False
-        unsigned = event.get("unsigned") if isinstance(event.get("unsigned"), dict) else {}
-        prev = unsigned.get("prev_content")
-        return not isinstance(prev, dict) or prev.get("membership") != "join"
+        membership = content.get("membership")
+        return membership if isinstance(membership, str) else ""
 
     # The sync position -------------------------------------------------------------------------
 

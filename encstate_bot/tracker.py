@@ -123,9 +123,11 @@ class Tracker:
         self.ledgers: dict[str, RoomLedger] = {}
         self.shared_history: set[tuple[str, str]] = set()
         self.backfilled: set[str] = set()
-        # room -> the pagination tokens its cut timeline reads resume from (Store.unread):
-        # events the bot has not read lie there, so none of the room's sessions is forwarded
+        # room -> the tokens its timeline reads kept to do go on from (Store.unread), and
+        # room -> its timeline reads running: events the bot has not read lie there, so none
+        # of the room's sessions is forwarded meanwhile
         self.unread: dict[str, set[str]] = {}
+        self.reading: dict[str, int] = {}
         # rooms whose latest events could not be recorded: (events, current) batches in order,
         # retried before anything newer is written; nothing of such a room is shared meanwhile
         self.backlog: dict[str, list[tuple[list[dict[str, Any]], bool]]] = {}
@@ -184,9 +186,15 @@ class Tracker:
         return ledger
 
     def history_unread(self, room_id: str) -> bool:
-        """Whether part of the room's timeline since the bot first read it is not read yet
-        (a read cut short by backfill_limit): a message in any session may lie there."""
+        """Whether part of the room's timeline is kept to read (a read cut short by
+        backfill_limit, the time the bot was out of the room): a message of any of its
+        sessions may lie there, so none is forwarded until it is read."""
         return bool(self.unread.get(room_id))
+
+    def being_read(self, room_id: str) -> bool:
+        """Whether a read of the room's timeline is running: deliveries from the room wait
+        for it (what it has not reached yet may hold messages of its sessions)."""
+        return room_id in self.reading
 
     def tracked(self, room_id: str) -> bool:
         """A room is tracked once its m.room.encryption turns state encryption on."""

@@ -109,6 +109,9 @@ class FakeTracker:
     def complete(self, room_id: str) -> bool:
         return True
 
+    def being_read(self, room_id: str) -> bool:
+        return False
+
     def session_source(self) -> Any:
         return object()
 

@@ -24,6 +24,7 @@ from .test_rescan_scale import (  # noqa: F401
     Bot,
     Homeserver,
     db,
+    settle_tasks,
 )
 
 
@@ -58,8 +59,7 @@ def own_membership(hs: Homeserver, room_id: str, membership: str) -> dict[str, A
 
 
 async def settle(intake: Any) -> None:
-    for task in list(intake._tasks):
-        await task
+    await settle_tasks(intake)
 
 
 async def test_a_room_joined_again_is_read_back_over_the_time_the_bot_was_away(db) -> None:

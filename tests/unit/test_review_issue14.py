@@ -102,6 +102,9 @@ class Tracker:
     def complete(self, room_id: str) -> bool:
         return True
 
+    def being_read(self, room_id: str) -> bool:
+        return False
+
     def session_source(self) -> Any:
         return object()
 

@@ -153,7 +153,7 @@ async def test_a_rejoin_read_that_failed_midway_is_read_over_at_the_next_start(d
     position = intake.position
     assert position == f"s{hs.pos}"  # the position moved on while the bot was away
     hs.plain(ROOM, 150)  # (a page of the read-back holds 100 events)
-    away = encrypted(hs, ROOM)  # later in the time away
+    encrypted(hs, ROOM)  # later in the time away
     hs.plain(ROOM, 3)
     joined = own_membership(hs, ROOM, "join")
     at = len(hs.timelines[ROOM]) - 1
@@ -171,17 +171,19 @@ async def test_a_rejoin_read_that_failed_midway_is_read_over_at_the_next_start(d
     room = {"timeline": {"events": [joined], "limited": True, "prev_batch": f"t{at}"}}
     await intake.on_sync({"data": {"next_batch": f"s{hs.pos}", "rooms": {"join": {ROOM: room}}}})
     await settle(intake)
-    assert away["event_id"] in first.tracker.ledger(ROOM).messages  # the first page's
-    assert hidden["event_id"] not in first.tracker.ledger(ROOM).messages
-    assert ROOM in intake._lost  # so far so good: the position stays
+    # read, or kept to read (and the room's sessions withheld meanwhile)
+    assert (
+        hidden["event_id"] in first.tracker.ledger(ROOM).messages
+        or first.tracker.history_unread(ROOM)
+        or ROOM in intake._lost
+    )
     await first.stop()
-    assert intake.position == position
 
     again = await Bot(hs, db).start()
-    assert again.intake.position != position  # the start read everything, it says
-    # fails: the read-again stopped at ``away``, which the failed read recorded before this
-    # start; the older part of the time away (the message) was never read
+    # failed at e3bad4e: the read-again stopped at ``away``, which the failed read recorded
+    # before this start; the older part of the time away (the message) was never read
     assert hidden["event_id"] in again.tracker.ledger(ROOM).messages
+    assert not again.tracker.history_unread(ROOM)
 
 
 async def test_a_long_time_away_does_not_hold_the_position_at_every_start(db) -> None:
@@ -211,7 +213,10 @@ async def test_a_long_time_away_does_not_hold_the_position_at_every_start(db) ->
     await settle(intake)
     await first.stop()
     held = await first.store.sync_position()
-    assert first.tracker.history_unread(ROOM)  # the rejoin read was cut: kept to resume
+    # the read of the time away was cut, kept, and read on in the background (at 819e77f:
+    # only at the next start; at e3bad4e it held the position at every start)
+    assert not first.tracker.history_unread(ROOM)
+    assert ROOM not in intake._lost
     positions = []
     for _ in range(3):  # later starts, nothing new in any room
         bot = Bot(hs, db)
