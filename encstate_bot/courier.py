@@ -204,10 +204,6 @@ class Courier:
                 self.log.warning(f"{room_id} has events not recorded yet; retrying later")
                 skipped += room_items
                 continue
-            if self.tracker.being_read(room_id):
-                self.log.info(f"{room_id}'s timeline is being read back; retrying later")
-                skipped += room_items
-                continue
             try:
                 contexts[room_id] = await self.gather.room(room_id, room_items)
             except (MatrixRequestError, MatrixConnectionError) as e:
@@ -268,11 +264,34 @@ class Courier:
                             context, room_items, devices, delivered, source, dry_run, groups
                         )
                 phases.mark("decide")
-                await self._send(wave_items, wave_outcomes, [], groups, phases)
+                wave_outcomes, held = self._hold_while_read(wave_outcomes)
+                await self._send(wave_items, wave_outcomes, held, groups, phases)
                 outcomes += wave_outcomes
         finally:
             settle([next_devices])
         return outcomes
+
+    def _hold_while_read(self, outcomes: list[Outcome]) -> tuple[list[Outcome], list[OutboxItem]]:
+        """Queued items that would forward a session (not one of the bot's seals) from a room
+        whose timeline is being read back wait for the read, retried later: what it has not
+        reached may hold messages of that session. Returns (the outcomes to send, the items
+        held back)."""
+        held: dict[int, OutboxItem] = {}
+        for o in outcomes:
+            if (
+                o.item.id is not None
+                and isinstance(o.decision, Share)
+                and self.tracker.being_read(o.item.room_id)
+                and self.seals.get(o.item.room_id, o.session_id) is None
+            ):
+                held[id(o.item)] = o.item
+        if not held:
+            return outcomes, []
+        self.log.info(
+            f"{len(held)} item(s) wait for a timeline being read back before a session is "
+            "forwarded"
+        )
+        return [o for o in outcomes if id(o.item) not in held], list(held.values())
 
     async def _decide(
         self,

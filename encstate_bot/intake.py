@@ -548,10 +548,11 @@ class Intake:
         call returns at once, since the syncs since the first began are ingested as they come
         (their gaps and rejoins are read by their own calls).
 
-        While any read of a room runs, the room's sessions are not forwarded (part of its
-        timeline is not read yet). A later read the limit cuts short is kept in the database
-        (``Store.unread``) and goes on in the background where it stopped (``resuming``: that
-        token); the room's sessions wait for it too. A read bounded by ``to`` that shows the
+        While any read of a room runs, the courier forwards none of the room's sessions (part
+        of its timeline is not read yet; ``Courier._hold_while_read``). A later read the limit
+        cuts short is kept in the database (``Store.unread``) and goes on in the background
+        where it stopped (``resuming``: that token); the room's sessions are withheld until it
+        is done (the policy's ``history_unread``). A read bounded by ``to`` that shows the
         bot out of the room at ``to`` (the oldest own membership event it met was a join to a
         room it was not in) keeps the time away before ``to`` as a read to do. False if a page
         could not be read, or what is left to read could not be kept."""

@@ -192,8 +192,9 @@ class Tracker:
         return bool(self.unread.get(room_id))
 
     def being_read(self, room_id: str) -> bool:
-        """Whether a read of the room's timeline is running: deliveries from the room wait
-        for it (what it has not reached yet may hold messages of its sessions)."""
+        """Whether a read of the room's timeline is running: the courier forwards none of
+        the room's sessions until it is done (what it has not reached yet may hold messages
+        of them); seals go at once."""
         return room_id in self.reading
 
     def tracked(self, room_id: str) -> bool:
