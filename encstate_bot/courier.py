@@ -219,6 +219,7 @@ class Courier:
         dry_run: bool,
     ) -> list[Outcome]:
         phases = Phases()
+        reads = {i.room_id: self.tracker.reads_started.get(i.room_id, 0) for i in items}
         queued = [audit.waited(i) for i in items]
         if any(q is not None for q in queued):
             phases.add("queued", max(q for q in queued if q is not None))
@@ -264,26 +265,41 @@ class Courier:
                             context, room_items, devices, delivered, source, dry_run, groups
                         )
                 phases.mark("decide")
-                wave_outcomes, held = self._hold_while_read(wave_outcomes)
+                wave_outcomes, held = self._hold_while_read(wave_outcomes, reads)
                 await self._send(wave_items, wave_outcomes, held, groups, phases)
                 outcomes += wave_outcomes
         finally:
             settle([next_devices])
         return outcomes
 
-    def _hold_while_read(self, outcomes: list[Outcome]) -> tuple[list[Outcome], list[OutboxItem]]:
-        """Queued items that would forward a session (not one of the bot's seals) from a room
-        whose timeline is being read back wait for the read, retried later: what it has not
-        reached may hold messages of that session. Returns (the outcomes to send, the items
-        held back)."""
+    def _hold_while_read(
+        self, outcomes: list[Outcome], reads: dict[str, int]
+    ) -> tuple[list[Outcome], list[OutboxItem]]:
+        """Items that would forward a session (not one of the bot's seals) from a room whose
+        timeline is being read back, or was since this batch began (``reads``: the reads
+        begun per room then), or is kept to read, wait: queued ones are retried later, an
+        admin's command is refused (m.unavailable). What a read has not reached, or reached
+        after the batch decided, may hold messages of that session. Returns (the outcomes to
+        send, the items held back)."""
         held: dict[int, OutboxItem] = {}
         for o in outcomes:
+            room_id = o.item.room_id
             if (
-                o.item.id is not None
-                and isinstance(o.decision, Share)
-                and self.tracker.being_read(o.item.room_id)
-                and self.seals.get(o.item.room_id, o.session_id) is None
+                not isinstance(o.decision, Share)
+                or self.seals.get(room_id, o.session_id) is not None
             ):
+                continue
+            if not (
+                self.tracker.being_read(room_id)
+                or self.tracker.history_unread(room_id)
+                or self.tracker.reads_started.get(room_id, 0) != reads.get(room_id, 0)
+            ):
+                continue
+            if o.item.id is None:
+                o.decision = Withhold(
+                    protocol.UNAVAILABLE, "the room's timeline is being read back; try again"
+                )
+            else:
                 held[id(o.item)] = o.item
         if not held:
             return outcomes, []

@@ -136,6 +136,7 @@ class Intake:
         self._filling: dict[str, int] = {}
         self._lost: set[str] = set()
         self._first_reads: set[str] = set()  # rooms whose first read-back is running
+        self._stopping = False
         self._sync_seen = False
         # room -> session -> when it gained: gains while the rescan runs, for its pass
         self._gained_at_start: dict[str, dict[str, float]] = {}
@@ -173,9 +174,15 @@ class Intake:
             self._restore_receivers()
             self._restore_receivers = None
             self.client.log.removeFilter(self._raw_requests)
-        await stop_all(self._tasks)
+        self._stopping = True
+        while self._tasks:  # (a task being stopped may have started another)
+            await stop_all(list(self._tasks))
 
     def spawn(self, coro: Awaitable[Any], name: str) -> None:
+        if self._stopping:
+            if asyncio.iscoroutine(coro):
+                coro.close()
+            return
         task = asyncio.ensure_future(coro)
         task.set_name(name)
         self._tasks.append(task)
@@ -564,6 +571,7 @@ class Intake:
         if first_time:
             self._first_reads.add(room_id)
         self.tracker.reading[room_id] = self.tracker.reading.get(room_id, 0) + 1
+        self.tracker.reads_started[room_id] = self.tracker.reads_started.get(room_id, 0) + 1
         try:
             return await self._catch_up(
                 room_id, from_token, to, before_start, away, first_time, resuming
@@ -649,12 +657,12 @@ class Intake:
             if known or not token:
                 break
         else:
-            # stopped by backfill_limit with more to read: a later catch-up (not the first
-            # sight of a room, whose older history the ledger treats as unknown) left events
-            # unread: kept, to go on with (the position may then move past them)
-            cut = bool(token) and not first_time
+            # stopped by backfill_limit with more to read: kept, to go on with in the
+            # background (the position may then move past them); a first read too, since an
+            # older message may use a session whose values it read
+            cut = bool(token)
         if empty >= MAX_EMPTY_PAGES and token:
-            cut = not first_time  # a homeserver paging through nothing: go on later
+            cut = True  # a homeserver paging through nothing: go on later
         await self.react()
         if live_members:
             await self.pushes.on_members(room_id, live_members)
@@ -664,15 +672,22 @@ class Intake:
             self.log.info(f"Read back {seen} timeline event(s) of {room_id}")
         if to and oldest_own is not None and not await self._away_at(room_id, to, oldest_own):
             return False
+        if to and not cut and to in self.tracker.unread.get(room_id, ()):
+            # the read reached ``to`` and the bot was out of the room then: read that time now
+            self._resume_soon(UnreadHistory(room_id, to, None, True), RESUME_DELAY_SECONDS)
         if cut:
+            if resuming is not None and resuming not in self.tracker.unread.get(room_id, ()):
+                return True  # dropped meanwhile (the bot was in the room after all)
             if token == resuming:
                 self.log.warning(
                     f"The homeserver gave no further page of {room_id}'s timeline: reading on "
                     "at the next start"
                 )
                 return False
+            # a read that met only empty pages goes on at the next start, not at once (a
+            # homeserver handing out ever new tokens and no events would keep it busy)
             return await self._keep_unread(
-                UnreadHistory(room_id, str(token), to, away), resuming, seen
+                UnreadHistory(room_id, str(token), to, away), resuming, seen, again=seen > 0
             )
         if resuming is not None:
             await self.store.drop_unread(room_id, resuming)
@@ -695,8 +710,9 @@ class Intake:
     async def _away_at(self, room_id: str, to: str, oldest_own: dict[str, Any]) -> bool:
         """A read bounded by the sync token ``to`` met the bot's own membership events: the
         oldest one's previous membership says whether the bot was in the room at ``to``. If
-        not, the time away before ``to`` (back to its own leave) is kept as a read to do; if
-        it was, a read of that kind kept by an earlier part of this read is dropped."""
+        not, the time away before ``to`` (back to its own leave) is kept as a read to do,
+        begun once the read reaches ``to`` (an older part of it may still show the bot was
+        in the room then); if it was, such a read kept by a newer part is dropped."""
         unsigned = oldest_own.get("unsigned")
         prev = unsigned.get("prev_content") if isinstance(unsigned, dict) else None
         joined = isinstance(prev, dict) and prev.get("membership") == "join"
@@ -707,20 +723,32 @@ class Intake:
             return True
         if to in self.tracker.unread.get(room_id, ()):
             return True
-        return await self._keep_unread(UnreadHistory(room_id, to, None, True), None, None)
+        return await self._keep_unread(
+            UnreadHistory(room_id, to, None, True), None, None, again=False
+        )
 
     async def _read_away(self, room_id: str, since: str, prev_batch: str | None) -> None:
         """The bot joined a room again: the time away (from the last sync back to its own
-        leave) is kept as a read to do, and the gap since the last sync is read now."""
-        if not await self._keep_unread(UnreadHistory(room_id, since, None, True), None, None):
+        leave) is kept as a read to do, begun once the gap since the last sync is read."""
+        kept = UnreadHistory(room_id, since, None, True)
+        if not await self._keep_unread(kept, None, None, again=False):
             self._lost.add(room_id)
+        # reads kept from before (a start that found the bot out of the room skipped them)
+        for kept in await self._load_unread():
+            if kept.room_id == room_id and kept.from_token != since:
+                self._resume_soon(kept, RESUME_DELAY_SECONDS)
         await self._fill_gap(room_id, prev_batch, since)
 
     async def _keep_unread(
-        self, unread: UnreadHistory, resuming: str | None, seen: int | None
+        self,
+        unread: UnreadHistory,
+        resuming: str | None,
+        seen: int | None,
+        again: bool = True,
     ) -> bool:
         """Keep what is left to read of a room's timeline, and go on with it in the
-        background; the room's sessions are not forwarded meanwhile."""
+        background (``again``; else at the next start); the room's sessions are not forwarded
+        meanwhile."""
         room_id = unread.room_id
         self.tracker.unread.setdefault(room_id, set()).add(unread.from_token)
         try:
@@ -744,7 +772,8 @@ class Intake:
                 f"The bot was out of {room_id} for a while: reading back over that time; until "
                 "then none of the room's sessions is forwarded (its seals still go out)"
             )
-        self._resume_soon(unread, RESUME_DELAY_SECONDS)
+        if again:
+            self._resume_soon(unread, RESUME_DELAY_SECONDS)
         return True
 
     def _unread_done(self, room_id: str, from_token: str) -> None:
@@ -757,8 +786,11 @@ class Intake:
         self.spawn(self._resume(unread, delay), f"encstate-unread-{unread.room_id}")
 
     async def _resume(self, unread: UnreadHistory, delay: float) -> None:
-        """Go on with a read kept to do (its token, its bound), after ``delay`` seconds."""
+        """Go on with a read kept to do (its token, its bound), after ``delay`` seconds,
+        unless it was dropped meanwhile."""
         await asyncio.sleep(delay)
+        if unread.from_token not in self.tracker.unread.get(unread.room_id, ()):
+            return
         try:
             await self.catch_up(
                 unread.room_id,

@@ -128,6 +128,7 @@ class Tracker:
         # of the room's sessions is forwarded meanwhile
         self.unread: dict[str, set[str]] = {}
         self.reading: dict[str, int] = {}
+        self.reads_started: dict[str, int] = {}  # room -> reads of its timeline begun so far
         # rooms whose latest events could not be recorded: (events, current) batches in order,
         # retried before anything newer is written; nothing of such a room is shared meanwhile
         self.backlog: dict[str, list[tuple[list[dict[str, Any]], bool]]] = {}

@@ -104,12 +104,16 @@ class FakeStore:
 
 
 class FakeTracker:
+    reads_started: dict = {}
     shared_history: set = set()
 
     def complete(self, room_id: str) -> bool:
         return True
 
     def being_read(self, room_id: str) -> bool:
+        return False
+
+    def history_unread(self, room_id: str) -> bool:
         return False
 
     def session_source(self) -> Any:

@@ -29,7 +29,7 @@ def test_a_forwarded_session_waits_for_the_read_and_a_seal_does_not() -> None:
     asked = OutboxItem(room_id=ROOM, user_id=USER, trigger="request", session_id="S", id=1)
     joined = OutboxItem(room_id=ROOM, user_id=USER, trigger="join", id=2)
     elsewhere = OutboxItem(room_id=OTHER, user_id=USER, trigger="request", session_id="S", id=3)
-    command = OutboxItem(room_id=ROOM, user_id=USER, trigger="admin")  # not queued: no retry
+    command = OutboxItem(room_id=ROOM, user_id=USER, trigger="command")  # not queued: refused
     outcomes = [
         outcome(asked, "S"),
         outcome(joined, book_seals[0].session_id),  # the bot's seal: goes now
@@ -37,14 +37,21 @@ def test_a_forwarded_session_waits_for_the_read_and_a_seal_does_not() -> None:
         outcome(command, "S"),
         outcome(joined, "T", Withhold("m.unavailable", "no")),
     ]
-    kept, held = courier._hold_while_read(outcomes)
+    kept, held = courier._hold_while_read(outcomes, {})
     assert held == [asked]
     assert [o.item for o in kept] == [joined, elsewhere, command, joined]
+    refused = next(o for o in kept if o.item is command)  # (review 4, F2: it went out)
+    assert isinstance(refused.decision, Withhold) and refused.decision.code == "m.unavailable"
 
     # a join that would also forward a session waits whole (its seal comes with the retry)
     both = [outcome(joined, book_seals[0].session_id), outcome(joined, "S")]
-    kept, held = courier._hold_while_read(both)
+    kept, held = courier._hold_while_read(both, {})
     assert kept == [] and held == [joined]
 
     courier.tracker.being_read = lambda room_id: False  # type: ignore[method-assign]
-    assert courier._hold_while_read(outcomes) == (outcomes, [])
+    fresh = [outcome(asked, "S"), outcome(elsewhere, "S")]
+    assert courier._hold_while_read(fresh, {}) == (fresh, [])
+    # a read of the room began (and maybe ended) since the batch did: its decisions wait
+    courier.tracker.reads_started = {ROOM: 1}
+    kept, held = courier._hold_while_read(fresh, {ROOM: 0, OTHER: 0})
+    assert held == [asked] and [o.item for o in kept] == [elsewhere]

@@ -98,11 +98,15 @@ class Tracker:
     def __init__(self, ledger: RoomLedger) -> None:
         self.ledgers = {ROOM: ledger}
         self.shared_history: set = set()
+        self.reads_started: dict[str, int] = {}
 
     def complete(self, room_id: str) -> bool:
         return True
 
     def being_read(self, room_id: str) -> bool:
+        return False
+
+    def history_unread(self, room_id: str) -> bool:
         return False
 
     def session_source(self) -> Any:
