@@ -651,7 +651,8 @@ class Intake:
             known = len(newer) < len(chunk)
             chunk.reverse()
             await self.tracker.ingest(room_id, chunk)
-            if not first_time:
+            if not first_time and not (resuming is not None and not to and not away):
+                # (the rest of a first read is history from before the bot: no pushes)
                 live_members = list(reversed(newer)) + live_members
             token = end
             if known or not token:

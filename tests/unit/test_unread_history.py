@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the ``db`` fixture is imported)
 """Timeline reads cut short by backfill_limit are kept (``encstate_unread``, migration v10) and
 resumed at the next start; until they are done the room's sessions are not forwarded, since a
 message of any of them may lie in what was not read (a message at a session's highest index
@@ -14,6 +15,8 @@ from encstate_bot.policy import SealFacts, Share, Withhold, decide, decide_seal
 from encstate_bot.store import UnreadHistory
 
 from .test_policy import EMPOWERED, HELD, MEMBER, STATE_ONLY
+from .test_rescan_rejoin_first_read import encrypted
+from .test_rescan_scale import ROOM, Bot, Homeserver, db, settle_tasks  # noqa: F401
 
 
 def test_a_room_with_unread_history_forwards_no_session_but_still_gives_its_seals() -> None:
@@ -44,3 +47,25 @@ async def test_the_store_keeps_each_cut_read_until_it_is_done(store) -> None:
     await store.drop_unread("!a:x", "t10")
     await store.drop_unread("!a:x", "t40")
     assert [u.room_id for u in await store.unread()] == ["!b:x"]
+
+
+async def test_the_rest_of_a_first_read_is_read_in_the_background_and_pushes_no_joins(
+    db,
+) -> None:
+    """(Review 4, F4: a first read cut by backfill_limit left older history unread, and a
+    message there in a session whose values it read went unseen.)"""
+    hs = Homeserver()
+    hs.state_room(ROOM)
+    hs.join(ROOM, "@old:example.org")  # long before the bot came
+    hidden = encrypted(hs, ROOM)  # the name session's newest index, beyond the first read
+    hs.plain(ROOM, 80)
+    bot = Bot(hs, db)
+    bot.intake.config["backfill_limit"] = 50
+    await bot.start(settle=False)
+    assert hidden["event_id"] not in bot.tracker.ledger(ROOM).messages
+    assert bot.tracker.history_unread(ROOM)  # so the room's sessions are withheld meanwhile
+    await settle_tasks(bot.intake)
+    assert hidden["event_id"] in bot.tracker.ledger(ROOM).messages
+    assert not bot.tracker.history_unread(ROOM)
+    assert bot.pushes.members == []  # history from before the bot: nobody to push to
+    await bot.stop()
