@@ -49,6 +49,9 @@ RESCAN_CONCURRENCY = 8
 POSITION_SAVE_SECONDS = 10.0
 # A read the limit cut short goes on this long after (backfill_limit events at a time).
 RESUME_DELAY_SECONDS = 0.5
+# A read that failed is tried again after this long, doubling up to RETRY_MAX_SECONDS.
+RETRY_SECONDS = 5.0
+RETRY_MAX_SECONDS = 600.0
 # Pages in a row the homeserver filters out entirely before a read goes on later instead.
 MAX_EMPTY_PAGES = 20
 
@@ -136,6 +139,8 @@ class Intake:
         self._filling: dict[str, int] = {}
         self._lost: set[str] = set()
         self._first_reads: set[str] = set()  # rooms whose first read-back is running
+        self._resuming: set[tuple[str, str]] = set()  # kept reads on their way (room, token)
+        self._first_retries: set[str] = set()  # rooms whose failed first read is retried
         self._stopping = False
         self._sync_seen = False
         # room -> session -> when it gained: gains while the rescan runs, for its pass
@@ -542,7 +547,7 @@ class Intake:
         to: str | None = None,
         before_start: bool = False,
         away: bool = False,
-        resuming: str | None = None,
+        resumed: UnreadHistory | None = None,
     ) -> bool:
         """Page back through the timeline until an event the ledger knows (``before_start``:
         knew before this start), the sync token ``to`` (the homeserver stops there, and every
@@ -558,10 +563,12 @@ class Intake:
         While any read of a room runs, the courier forwards none of the room's sessions (part
         of its timeline is not read yet; ``Courier._hold_while_read``). A later read the limit
         cuts short is kept in the database (``Store.unread``) and goes on in the background
-        where it stopped (``resuming``: that token); the room's sessions are withheld until it
-        is done (the policy's ``history_unread``). A read bounded by ``to`` that shows the
-        bot out of the room at ``to`` (the oldest own membership event it met was a join to a
-        room it was not in) keeps the time away before ``to`` as a read to do. False if a page
+        where it stopped (``resumed``: that read), and so does one a failed page stopped
+        (retried later); the room's sessions are withheld until it is done (the policy's
+        ``history_unread``; a tracked room whose first read has not finished counts too).
+        A read bounded by ``to`` that shows the bot out of the room at ``to`` (the oldest own
+        membership event it met was a join to a room it was not in) keeps the time away
+        before ``to`` as a read to do. False if a page
         could not be read, or what is left to read could not be kept."""
         first_time = (
             room_id not in self.tracker.backfilled and from_token is None and not to and not away
@@ -572,16 +579,22 @@ class Intake:
             self._first_reads.add(room_id)
         self.tracker.reading[room_id] = self.tracker.reading.get(room_id, 0) + 1
         self.tracker.reads_started[room_id] = self.tracker.reads_started.get(room_id, 0) + 1
+        done = False
         try:
-            return await self._catch_up(
-                room_id, from_token, to, before_start, away, first_time, resuming
+            done = await self._catch_up(
+                room_id, from_token, to, before_start, away, first_time, resumed
             )
+            return done
         finally:
             left = self.tracker.reading.pop(room_id) - 1
             if left:
                 self.tracker.reading[room_id] = left
             if first_time:
                 self._first_reads.discard(room_id)
+                if not done and room_id not in self._first_retries and not self._stopping:
+                    # the room stays withheld (not read back yet) until a retry gets through
+                    self._first_retries.add(room_id)
+                    self.spawn(self._retry_first_read(room_id), f"encstate-first-{room_id}")
 
     async def _catch_up(
         self,
@@ -591,16 +604,19 @@ class Intake:
         before_start: bool,
         away: bool,
         first_time: bool,
-        resuming: str | None,
+        resumed: UnreadHistory | None,
     ) -> bool:
         ledger = self.tracker.ledger(room_id)
+        resuming = resumed.from_token if resumed is not None else None
+        # history from before the bot came: the rest of a first read
+        before_bot = first_time or (resumed is not None and resumed.before_bot)
         fresh = (self.tracker.fresh or ()) if before_start else ()
         limit = self.config["backfill_limit"]
         token = from_token
         seen = empty = 0
         live_members: list[dict[str, Any]] = []
         oldest_own: dict[str, Any] | None = None  # the oldest own membership event met
-        cut = False
+        cut = failed = False
         while seen < limit:
             query: dict[str, Any] = {
                 "dir": "b",
@@ -616,7 +632,10 @@ class Intake:
                 )
             except (MatrixRequestError, MatrixConnectionError) as e:
                 self.log.warning(f"Could not read the timeline of {room_id}: {e}")
-                return False
+                if token is None or token == resuming:
+                    return False  # nothing read: the caller (or the next start) tries again
+                failed = True  # what it read stays; the rest is kept, to go on with shortly
+                break
             chunk = [e for e in resp.get("chunk", []) if isinstance(e, dict)]
             end = resp.get("end")
             if not chunk:
@@ -651,8 +670,7 @@ class Intake:
             known = len(newer) < len(chunk)
             chunk.reverse()
             await self.tracker.ingest(room_id, chunk)
-            if not first_time and not (resuming is not None and not to and not away):
-                # (the rest of a first read is history from before the bot: no pushes)
+            if not before_bot:  # (history from before the bot: nobody to push to)
                 live_members = list(reversed(newer)) + live_members
             token = end
             if known or not token:
@@ -673,12 +691,19 @@ class Intake:
             self.log.info(f"Read back {seen} timeline event(s) of {room_id}")
         if to and oldest_own is not None and not await self._away_at(room_id, to, oldest_own):
             return False
-        if to and not cut and to in self.tracker.unread.get(room_id, ()):
+        if to and not cut and not failed and to in self.tracker.unread.get(room_id, ()):
             # the read reached ``to`` and the bot was out of the room then: read that time now
             self._resume_soon(UnreadHistory(room_id, to, None, True), RESUME_DELAY_SECONDS)
-        if cut:
+        if cut or failed:
             if resuming is not None and resuming not in self.tracker.unread.get(room_id, ()):
                 return True  # dropped meanwhile (the bot was in the room after all)
+            if failed:
+                return await self._keep_unread(
+                    UnreadHistory(room_id, str(token), to, away, before_bot),
+                    resuming,
+                    RETRY_SECONDS,
+                    f"Could not read all of {room_id}'s timeline",
+                )
             if token == resuming:
                 self.log.warning(
                     f"The homeserver gave no further page of {room_id}'s timeline: reading on "
@@ -688,7 +713,13 @@ class Intake:
             # a read that met only empty pages goes on at the next start, not at once (a
             # homeserver handing out ever new tokens and no events would keep it busy)
             return await self._keep_unread(
-                UnreadHistory(room_id, str(token), to, away), resuming, seen, again=seen > 0
+                UnreadHistory(room_id, str(token), to, away, before_bot),
+                resuming,
+                RESUME_DELAY_SECONDS if seen > 0 else None,
+                f"Read back {seen} timeline event(s) of {room_id}, the backfill_limit, and "
+                "more remain"
+                if seen > 0
+                else f"The homeserver gave only empty pages of {room_id}'s timeline",
             )
         if resuming is not None:
             await self.store.drop_unread(room_id, resuming)
@@ -725,14 +756,19 @@ class Intake:
         if to in self.tracker.unread.get(room_id, ()):
             return True
         return await self._keep_unread(
-            UnreadHistory(room_id, to, None, True), None, None, again=False
+            UnreadHistory(room_id, to, None, True),
+            None,
+            None,
+            f"The bot was out of {room_id} at the sync position: reading back over that time",
         )
 
     async def _read_away(self, room_id: str, since: str, prev_batch: str | None) -> None:
-        """The bot joined a room again: the time away (from the last sync back to its own
-        leave) is kept as a read to do, begun once the gap since the last sync is read."""
+        """The bot joined a room again: the time away (from the last sync, when it was out of
+        the room, back to its own leave) is kept as a read to do and begun, and the gap since
+        the last sync is read."""
         kept = UnreadHistory(room_id, since, None, True)
-        if not await self._keep_unread(kept, None, None, again=False):
+        why = f"The bot joined {room_id} again: reading back over the time it was away"
+        if not await self._keep_unread(kept, None, RESUME_DELAY_SECONDS, why):
             self._lost.add(room_id)
         # reads kept from before (a start that found the bot out of the room skipped them)
         for kept in await self._load_unread():
@@ -744,12 +780,13 @@ class Intake:
         self,
         unread: UnreadHistory,
         resuming: str | None,
-        seen: int | None,
-        again: bool = True,
+        delay: float | None,
+        why: str | None,
     ) -> bool:
         """Keep what is left to read of a room's timeline, and go on with it in the
-        background (``again``; else at the next start); the room's sessions are not forwarded
-        meanwhile."""
+        background after ``delay`` seconds (None: not now; the read that reaches its start
+        begins it, or the next start does); the room's sessions are not forwarded
+        meanwhile. ``why`` is logged with what that means."""
         room_id = unread.room_id
         self.tracker.unread.setdefault(room_id, set()).add(unread.from_token)
         try:
@@ -762,20 +799,26 @@ class Intake:
             return False
         if resuming is not None:
             self._unread_done(room_id, resuming)
-        if seen is not None:
+        if why is not None:
             self.log.warning(
-                f"Read back {seen} timeline event(s) of {room_id}, the backfill_limit, and more "
-                "remain: reading on in the background; until then none of the room's sessions "
-                "is forwarded (its seals still go out)"
+                f"{why}: reading on in the background; until then none of {room_id}'s "
+                "sessions is forwarded (its seals still go out)"
             )
-        else:
-            self.log.info(
-                f"The bot was out of {room_id} for a while: reading back over that time; until "
-                "then none of the room's sessions is forwarded (its seals still go out)"
-            )
-        if again:
-            self._resume_soon(unread, RESUME_DELAY_SECONDS)
+        if delay is not None:
+            self._resume_soon(unread, delay)
         return True
+
+    async def _retry_first_read(self, room_id: str) -> None:
+        """Try a room's first read again until it gets through, less and less often."""
+        delay = RETRY_SECONDS
+        try:
+            while room_id not in self.tracker.backfilled:
+                await asyncio.sleep(delay)
+                if room_id not in self._first_reads and await self.catch_up(room_id, None):
+                    return
+                delay = min(2 * delay, RETRY_MAX_SECONDS)
+        finally:
+            self._first_retries.discard(room_id)
 
     def _unread_done(self, room_id: str, from_token: str) -> None:
         tokens = self.tracker.unread.get(room_id, set())
@@ -784,24 +827,37 @@ class Intake:
             self.tracker.unread.pop(room_id, None)
 
     def _resume_soon(self, unread: UnreadHistory, delay: float) -> None:
+        """Go on with a kept read after ``delay`` seconds (not if it is already on its way)."""
+        key = (unread.room_id, unread.from_token)
+        if key in self._resuming:
+            return
+        self._resuming.add(key)
         self.spawn(self._resume(unread, delay), f"encstate-unread-{unread.room_id}")
 
     async def _resume(self, unread: UnreadHistory, delay: float) -> None:
         """Go on with a read kept to do (its token, its bound), after ``delay`` seconds,
-        unless it was dropped meanwhile."""
-        await asyncio.sleep(delay)
-        if unread.from_token not in self.tracker.unread.get(unread.room_id, ()):
-            return
+        unless it was dropped meanwhile; one that fails is tried again, less and less often
+        (up to every RETRY_MAX_SECONDS)."""
+        key = (unread.room_id, unread.from_token)
+        done = False
         try:
-            await self.catch_up(
-                unread.room_id,
-                unread.from_token,
-                to=unread.to_token,
-                away=unread.away,
-                resuming=unread.from_token,
-            )
-        except Exception:
-            self.log.exception(f"Could not read on in {unread.room_id}'s timeline")
+            await asyncio.sleep(delay)
+            if unread.from_token not in self.tracker.unread.get(unread.room_id, ()):
+                return
+            try:
+                done = await self.catch_up(
+                    unread.room_id,
+                    unread.from_token,
+                    to=unread.to_token,
+                    away=unread.away,
+                    resumed=unread,
+                )
+            except Exception:
+                self.log.exception(f"Could not read on in {unread.room_id}'s timeline")
+        finally:
+            self._resuming.discard(key)
+        if not done and not self._stopping:
+            self._resume_soon(unread, min(max(2 * delay, RETRY_SECONDS), RETRY_MAX_SECONDS))
 
     def _own_membership(self, event: dict[str, Any]) -> str | None:
         """The bot's own membership this event sets, if it is one of its member events."""

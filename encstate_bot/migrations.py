@@ -242,7 +242,7 @@ async def upgrade_v9(conn: Connection) -> None:
     )
 
 
-@upgrade_table.register(description="Timeline reads cut short by backfill_limit, to resume")
+@upgrade_table.register(description="Timeline reads kept to do, to go on with")
 async def upgrade_v10(conn: Connection) -> None:
     await conn.execute(
         """CREATE TABLE encstate_unread (
@@ -250,6 +250,7 @@ async def upgrade_v10(conn: Connection) -> None:
             from_token TEXT NOT NULL,
             to_token   TEXT,
             away       BOOLEAN NOT NULL,
+            before_bot BOOLEAN NOT NULL DEFAULT false,
             since_ts   BIGINT NOT NULL,
             PRIMARY KEY (room_id, from_token)
         )"""

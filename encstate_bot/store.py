@@ -23,13 +23,16 @@ def now_ms() -> int:
 
 @dataclass(frozen=True)
 class UnreadHistory:
-    """A timeline read cut short by backfill_limit: resume from ``from_token`` (backwards),
-    down to ``to_token`` (a sync token) or, with ``away``, to the bot's own leave or ban."""
+    """A timeline read kept to do (cut short by backfill_limit, failed, or the time the bot
+    was out of a room): go on from ``from_token`` (backwards), down to ``to_token`` (a sync
+    token) or, with ``away``, to the bot's own leave or ban. ``before_bot``: the rest of a
+    room's first read, history from before the bot came (no joins to push there)."""
 
     room_id: str
     from_token: str
     to_token: str | None
     away: bool
+    before_bot: bool = False
 
 
 @dataclass(frozen=True)
@@ -900,10 +903,17 @@ class Store:
 
     async def unread(self) -> list[UnreadHistory]:
         rows = await self.db.fetch(
-            "SELECT room_id, from_token, to_token, away FROM encstate_unread ORDER BY since_ts"
+            "SELECT room_id, from_token, to_token, away, before_bot FROM encstate_unread "
+            "ORDER BY since_ts"
         )
         return [
-            UnreadHistory(r["room_id"], r["from_token"], r["to_token"], bool(r["away"]))
+            UnreadHistory(
+                r["room_id"],
+                r["from_token"],
+                r["to_token"],
+                bool(r["away"]),
+                bool(r["before_bot"]),
+            )
             for r in rows
         ]
 
@@ -918,12 +928,14 @@ class Store:
                     replacing,
                 )
             await conn.execute(
-                "INSERT INTO encstate_unread (room_id, from_token, to_token, away, since_ts) "
-                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (room_id, from_token) DO NOTHING",
+                "INSERT INTO encstate_unread "
+                "(room_id, from_token, to_token, away, before_bot, since_ts) "
+                "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (room_id, from_token) DO NOTHING",
                 unread.room_id,
                 unread.from_token,
                 unread.to_token,
                 unread.away,
+                unread.before_bot,
                 now_ms(),
             )
 

@@ -188,9 +188,12 @@ class Tracker:
 
     def history_unread(self, room_id: str) -> bool:
         """Whether part of the room's timeline is kept to read (a read cut short by
-        backfill_limit, the time the bot was out of the room): a message of any of its
-        sessions may lie there, so none is forwarded until it is read."""
-        return bool(self.unread.get(room_id))
+        backfill_limit or by a failed page, the time the bot was out of the room), or the
+        room's first read has not finished: a message of any of its sessions may lie there,
+        so none is forwarded until it is read."""
+        if self.unread.get(room_id):
+            return True
+        return room_id in self.ledgers and room_id not in self.backfilled
 
     def being_read(self, room_id: str) -> bool:
         """Whether a read of the room's timeline is running: the courier forwards none of
