@@ -565,7 +565,8 @@ class Intake:
         cuts short is kept in the database (``Store.unread``) and goes on in the background
         where it stopped (``resumed``: that read), and so does one a failed page stopped
         (retried later); the room's sessions are withheld until it is done (the policy's
-        ``history_unread``; a tracked room whose first read has not finished counts too).
+        ``history_unread``; until a room's first read has finished, the courier holds them
+        back, ``Tracker.being_read``).
         A read bounded by ``to`` that shows the bot out of the room at ``to`` (the oldest own
         membership event it met was a join to a room it was not in) keeps the time away
         before ``to`` as a read to do. False if a page

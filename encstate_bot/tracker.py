@@ -188,18 +188,18 @@ class Tracker:
 
     def history_unread(self, room_id: str) -> bool:
         """Whether part of the room's timeline is kept to read (a read cut short by
-        backfill_limit or by a failed page, the time the bot was out of the room), or the
-        room's first read has not finished: a message of any of its sessions may lie there,
-        so none is forwarded until it is read."""
-        if self.unread.get(room_id):
-            return True
-        return room_id in self.ledgers and room_id not in self.backfilled
+        backfill_limit or by a failed page, the time the bot was out of the room): a message
+        of any of its sessions may lie there, so none is forwarded until it is read."""
+        return bool(self.unread.get(room_id))
 
     def being_read(self, room_id: str) -> bool:
-        """Whether a read of the room's timeline is running: the courier forwards none of
-        the room's sessions until it is done (what it has not reached yet may hold messages
-        of them); seals go at once."""
-        return room_id in self.reading
+        """Whether a read of the room's timeline is running, or its first read has not
+        finished (it failed, and is retried): the courier forwards none of the room's
+        sessions until then (what it has not reached yet may hold messages of them), and
+        retries what would; seals go at once."""
+        if room_id in self.reading:
+            return True
+        return room_id in self.ledgers and room_id not in self.backfilled
 
     def tracked(self, room_id: str) -> bool:
         """A room is tracked once its m.room.encryption turns state encryption on."""
