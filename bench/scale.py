@@ -568,7 +568,7 @@ async def storm(c: Community, bot: BotProcess, report: Report) -> None:
             break
         if time.monotonic() - started > 1800:
             raise TimeoutError(f"storm: {got} of {need} keys after 30 min")
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(STORM_POLL_SECONDS)
     wall = time.monotonic() - started
     cpu = proc_cpu_seconds(bot.proc.pid) - cpu0
     profile_note(spy, "storm", report)
@@ -588,7 +588,9 @@ async def storm(c: Community, bot: BotProcess, report: Report) -> None:
     # sustained: the rate between 10% and 90% of the keys
     t10 = next(t for t, n in timeline if n >= need * 0.1)
     t90 = next(t for t, n in timeline if n >= need * 0.9)
-    sustained = 0.8 * len(storm_users) / max(t90 - t10, 1e-6)
+    # (at least one poll apart: a small storm can go from 10% to 90% between two polls, and
+    # then this is a lower bound)
+    sustained = 0.8 * len(storm_users) / max(t90 - t10, STORM_POLL_SECONDS)
     report.row(
         f"join storm: {len(storm_users)} users join {len(storm_rooms)} restricted rooms, "
         "every seal they may read",
@@ -616,6 +618,9 @@ async def storm(c: Community, bot: BotProcess, report: Report) -> None:
     report.result("storm_request_p50_ms", percentile(waited, 50))
     report.result("storm_request_p95_ms", percentile(waited, 95))
     c.storm_users = storm_users
+
+
+STORM_POLL_SECONDS = 0.5  # how often the storm's progress is read from the bot's database
 
 
 def storm_timeline(
