@@ -264,6 +264,27 @@ async def _nothing(*_: Any) -> None:
     pass
 
 
+LIMIT = 50  # the backfill_limit of the tests that cut reads short
+
+
+async def start_limited(
+    hs: Homeserver, db: Database, limit: int = LIMIT, settle: bool = False
+) -> Bot:
+    """One start with this backfill_limit; without ``settle`` the reads it keeps to do are
+    left running in the background (``Bot.stop`` cancels them)."""
+    bot = Bot(hs, db)
+    bot.intake.config["backfill_limit"] = limit
+    return await bot.start(settle=settle)
+
+
+async def unread_rows(db: Database) -> list[tuple[str, str]]:
+    """(room, token) of each timeline read kept to do (``encstate_unread``)."""
+    return [
+        (r["room_id"], r["from_token"])
+        for r in await db.fetch("SELECT room_id, from_token FROM encstate_unread")
+    ]
+
+
 async def settle_tasks(intake: Intake) -> None:
     """Wait for the intake's background tasks, and those they start, to finish."""
     while intake._tasks:

@@ -40,30 +40,18 @@ import olm
 from encstate_bot import protocol
 
 from .test_rescan_rejoin_first_read import encrypted, own_membership, settle
-from .test_rescan_scale import (  # noqa: F401
+from .test_rescan_scale import (  # noqa: F401  (db: a fixture)
+    LIMIT,
     POSITION_TABLE,
     QUIET,
     ROOM,
     Bot,
     Homeserver,
     db,
+    start_limited,
+    unread_rows,
 )
 from .test_session_review2_reads import held_pages
-
-LIMIT = 50
-
-
-async def _start(hs: Homeserver, db: Any, limit: int = LIMIT) -> Bot:
-    bot = Bot(hs, db)
-    bot.intake.config["backfill_limit"] = limit
-    return await bot.start(settle=False)
-
-
-async def _rows(db: Any) -> list[tuple[str, str]]:
-    return [
-        (r["room_id"], r["from_token"])
-        for r in await db.fetch("SELECT room_id, from_token FROM encstate_unread")
-    ]
 
 
 def _facts(bot: Bot, hs: Homeserver) -> Any:
@@ -97,16 +85,16 @@ async def test_r1_a_resumed_unbounded_read_passes_values_the_cut_start_recorded(
         },
     )
     hs.plain(ROOM, 60)
-    cut = await _start(hs, db)
+    cut = await start_limited(hs, db)
     await cut.stop()
     assert cut.tracker.history_unread(ROOM)  # cut by the limit (the topic is fresh: no stop)
-    again = await _start(hs, db)
+    again = await start_limited(hs, db)
     await again.stop()
     read = hidden["event_id"] in again.tracker.ledger(ROOM).messages
     # fails: the resume stopped at the topic, which /state recorded at the start before; the
     # row is dropped, the message is never read, and the name's session looks state-only
     assert read or again.tracker.history_unread(ROOM), (
-        f"debt dropped unread; rows={await _rows(db)}; name session {_facts(again, hs)}"
+        f"debt dropped unread; rows={await unread_rows(db)}; name session {_facts(again, hs)}"
     )
 
 
@@ -130,10 +118,10 @@ async def test_r2_a_resumed_bounded_read_that_meets_the_bots_rejoin_reads_the_ti
     assert await first.store.sync_position() == f"s{hs.pos}"  # after the message
     own_membership(hs, ROOM, "join")  # maubot's client joins it back while the plugin is down
     hs.plain(ROOM, 60)  # then more than backfill_limit events
-    second = await _start(hs, db)
+    second = await start_limited(hs, db)
     await second.stop()
     assert second.tracker.history_unread(ROOM)  # the read to the position was cut first
-    third = await _start(hs, db)
+    third = await start_limited(hs, db)
     await third.stop()
     read = hidden["event_id"] in third.tracker.ledger(ROOM).messages
     # fails: the resume met the rejoin after the rescan read its rejoins; the room sits in
@@ -151,9 +139,9 @@ async def test_r3_a_resume_cut_again_at_the_same_token_keeps_withholding(db) -> 
     await (await Bot(hs, db).start()).stop()
     encrypted(hs, ROOM)
     hs.plain(ROOM, 60)
-    cut = await _start(hs, db)
+    cut = await start_limited(hs, db)
     await cut.stop()
-    [(room_id, token)] = await _rows(db)
+    [(room_id, token)] = await unread_rows(db)
     request = hs.request
 
     async def stuck(method: Any, path: Any, query_params: Any = None, **kw: Any) -> Any:
@@ -170,7 +158,7 @@ async def test_r3_a_resume_cut_again_at_the_same_token_keeps_withholding(db) -> 
     for _ in range(50):
         await asyncio.sleep(0.01)
     assert any(q.get("from") == token for e, q in hs.calls if e == "messages")  # it tried
-    assert await _rows(db) == [(ROOM, token)]  # still owed in the database
+    assert await unread_rows(db) == [(ROOM, token)]  # still owed in the database
     # fails: put_unread kept the row, then _unread_done discarded the same token in memory
     assert again.tracker.history_unread(ROOM), "sessions forwarded while the row is kept"
     await again.stop()
@@ -281,14 +269,14 @@ async def test_r7_a_cut_read_is_resumed_while_the_bot_runs(db) -> None:
     await (await Bot(hs, db).start()).stop()
     encrypted(hs, ROOM)
     hs.plain(ROOM, 3 * LIMIT)  # any member (or a server) floods while the bot is down
-    bot = await _start(hs, db)
+    bot = await start_limited(hs, db)
     for _ in range(5):  # the bot runs on: syncs come, tasks settle
         hs.plain(QUIET, 1)
         await bot.intake.on_sync({"data": {"next_batch": f"s{hs.pos}", "rooms": {"join": {}}}})
         await settle(bot.intake)
     # fails: the debt is read only at the next start (and one limit per start): until then,
     # and across two more restarts here, none of the room's sessions is forwarded
-    assert not bot.tracker.history_unread(ROOM), await _rows(db)
+    assert not bot.tracker.history_unread(ROOM), await unread_rows(db)
     await bot.stop()
 
 
@@ -297,7 +285,7 @@ async def test_r7_cut_gaps_do_not_pile_up_rows_read_before_ready(db) -> None:
     hs = Homeserver()
     hs.state_room(ROOM)
     hs.state_room(QUIET)
-    bot = await _start(hs, db)
+    bot = await start_limited(hs, db)
     intake = bot.intake
     for _ in range(4):  # each sync's gap is longer than backfill_limit
         hs.plain(ROOM, LIMIT + 20)
@@ -308,7 +296,7 @@ async def test_r7_cut_gaps_do_not_pile_up_rows_read_before_ready(db) -> None:
         await intake.on_sync({"data": {"next_batch": f"s{hs.pos}", "rooms": rooms}})
         await settle(intake)
     await bot.stop()
-    rows = await _rows(db)
+    rows = await unread_rows(db)
     # fails: one row per cut gap, without bound; the next start reads them all (each up to
     # backfill_limit events) before it is ready
     assert len(rows) <= 1, rows

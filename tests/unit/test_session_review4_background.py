@@ -38,30 +38,18 @@ from encstate_bot.store import OutboxItem, Store, UnreadHistory
 from .test_courier_lanes import ROOM as COURIER_ROOM
 from .test_courier_lanes import USER, FakeClient, ReorderingServer, courier_for
 from .test_rescan_rejoin_first_read import encrypted, own_membership, settle
-from .test_rescan_scale import (  # noqa: F401
+from .test_rescan_scale import (  # noqa: F401  (db: a fixture)
+    LIMIT,
     POSITION_TABLE,
     QUIET,
     ROOM,
     Bot,
     Homeserver,
     db,
+    start_limited,
+    unread_rows,
 )
 from .test_session_review2_reads import held_pages
-
-LIMIT = 50
-
-
-async def _start(hs: Homeserver, db: Any, limit: int = LIMIT, settle: bool = False) -> Bot:
-    bot = Bot(hs, db)
-    bot.intake.config["backfill_limit"] = limit
-    return await bot.start(settle=settle)
-
-
-async def _rows(db: Any) -> list[tuple[str, str]]:
-    return [
-        (r["room_id"], r["from_token"])
-        for r in await db.fetch("SELECT room_id, from_token FROM encstate_unread")
-    ]
 
 
 async def test_f1_empty_pages_with_ever_new_tokens_do_not_loop_in_the_background(
@@ -72,7 +60,7 @@ async def test_f1_empty_pages_with_ever_new_tokens_do_not_loop_in_the_background
     hs = Homeserver()
     hs.state_room(ROOM)
     hs.state_room(QUIET)
-    bot = await _start(hs, db, settle=True)
+    bot = await start_limited(hs, db, settle=True)
     intake = bot.intake
     hs.plain(ROOM, 2 * LIMIT)  # a gap longer than backfill_limit: its read is cut, kept
     last = len(hs.timelines[ROOM]) - 1
@@ -98,7 +86,7 @@ async def test_f1_empty_pages_with_ever_new_tokens_do_not_loop_in_the_background
     running = [t.get_name() for t in intake._tasks if not t.done()]
     await bot.stop()
     # fails: a new row and a new resume after every MAX_EMPTY_PAGES empty pages, for good
-    assert pages <= 1 + 2 * intake_module.MAX_EMPTY_PAGES, (pages, running, await _rows(db))
+    assert pages <= 1 + 2 * intake_module.MAX_EMPTY_PAGES, (pages, running, await unread_rows(db))
 
 
 def _outcome(item: OutboxItem, session_id: str) -> Outcome:
@@ -133,7 +121,7 @@ async def test_f4_a_cut_first_read_leaves_a_message_of_a_state_session_unread(db
     await db.execute(POSITION_TABLE)
     hs = Homeserver()
     hs.state_room(QUIET)
-    bot = await _start(hs, db, settle=True)
+    bot = await start_limited(hs, db, settle=True)
     intake = bot.intake
     hs.state_room(ROOM)  # the name: index 0 of the session
     hidden = encrypted(hs, ROOM)  # a message in the same session: index 1
@@ -161,7 +149,7 @@ async def test_f5_a_kept_read_of_a_room_joined_again_live_is_resumed(db) -> None
     hs = Homeserver()
     hs.state_room(ROOM)
     hs.state_room(QUIET)
-    await (await _start(hs, db, settle=True)).stop()
+    await (await start_limited(hs, db, settle=True)).stop()
     # a read kept for the room (a cut gap, the time away) when the bot was kicked
     await bot_store_put(db, UnreadHistory(ROOM, "t3", None, True))
     own_membership(hs, ROOM, "leave")
@@ -188,7 +176,7 @@ async def test_f5_a_kept_read_of_a_room_joined_again_live_is_resumed(db) -> None
         hs.plain(QUIET, 1)
         await bot.intake.on_sync({"data": {"next_batch": f"s{hs.pos}", "rooms": {"join": {}}}})
         await settle(bot.intake)
-    rows = await _rows(db)
+    rows = await unread_rows(db)
     await bot.stop()
     # fails: the old row is never resumed while the bot runs: the room's sessions are
     # withheld until a restart that finds the bot in the room
@@ -206,12 +194,12 @@ async def test_f6_no_resume_runs_on_after_the_intake_stopped(db) -> None:
     hs = Homeserver()
     hs.state_room(ROOM)
     hs.state_room(QUIET)
-    await (await _start(hs, db, settle=True)).stop()
+    await (await start_limited(hs, db, settle=True)).stop()
     encrypted(hs, ROOM)
     hs.plain(ROOM, 3 * LIMIT)
-    cut = await _start(hs, db)  # the read to the position is cut: a row kept
+    cut = await start_limited(hs, db)  # the read to the position is cut: a row kept
     await cut.stop()
-    assert await _rows(db)
+    assert await unread_rows(db)
     hs.plain(ROOM, 3)  # the room changed since: the next start reads it back first
     bot = Bot(hs, db)
     bot.intake.config["backfill_limit"] = LIMIT
@@ -265,7 +253,7 @@ async def test_f7_an_away_row_dropped_by_an_older_part_stops_its_read(db) -> Non
     hs.state_room(ROOM)
     hs.state_room(QUIET)
     hs.plain(ROOM, 6 * LIMIT)  # history before the position
-    await (await _start(hs, db, settle=True)).stop()
+    await (await start_limited(hs, db, settle=True)).stop()
     position = await Store(db).sync_position()
     below = len(hs.timelines[ROOM])  # timeline indices before the position
     # while the plugin is down: the bot is kicked and joins back, then more than a limit
@@ -273,7 +261,7 @@ async def test_f7_an_away_row_dropped_by_an_older_part_stops_its_read(db) -> Non
     hs.plain(ROOM, 10)
     _own(hs, "join", "leave")
     hs.plain(ROOM, LIMIT - 5)
-    bot = await _start(hs, db, settle=True)
+    bot = await start_limited(hs, db, settle=True)
     await bot.stop()
     # the first part met the rejoin (the bot looked out at the position: an away row from it,
     # resumed 0.5 s later); the older part met the kick (in at the position: the row dropped)

@@ -30,22 +30,16 @@ from typing import Any
 from encstate_bot import intake as intake_module
 
 from .test_rescan_rejoin_first_read import encrypted, own_membership, settle
-from .test_rescan_scale import (  # noqa: F401
+from .test_rescan_scale import (  # noqa: F401  (db: a fixture)
+    LIMIT,
     POSITION_TABLE,
     QUIET,
     ROOM,
     Bot,
     Homeserver,
     db,
+    start_limited,
 )
-
-LIMIT = 50
-
-
-async def _start(hs: Homeserver, db: Any, limit: int = LIMIT, settle: bool = False) -> Bot:
-    bot = Bot(hs, db)
-    bot.intake.config["backfill_limit"] = limit
-    return await bot.start(settle=settle)
 
 
 def _failing_once(hs: Homeserver, intake: Any, when: Any) -> list[dict[str, Any]]:
@@ -70,13 +64,13 @@ async def test_g1_the_rest_of_a_catch_up_without_a_position_pushes_the_joins(db)
     hs = Homeserver()
     hs.state_room(ROOM)
     hs.state_room(QUIET)
-    await (await _start(hs, db, settle=True)).stop()
+    await (await start_limited(hs, db, settle=True)).stop()
     await db.execute("DELETE FROM encstate_sync_position")
     # no position at this start (never saved, as here, or the probe / its load failed): the
     # catch-up reads back to an event known before the start; more than a limit came since
     hs.join(ROOM, "@late:example.org")  # while the bot was away
     hs.plain(ROOM, 2 * LIMIT)
-    bot = await _start(hs, db, settle=False)
+    bot = await start_limited(hs, db, settle=False)
     assert bot.tracker.history_unread(ROOM)  # cut: the rest goes on in the background
     await settle(bot.intake)
     assert not bot.tracker.history_unread(ROOM)
@@ -94,7 +88,7 @@ async def test_g2_a_live_rejoin_whose_gap_read_fails_reads_the_time_away_in_this
     hs = Homeserver()
     hs.state_room(ROOM)
     hs.state_room(QUIET)
-    bot = await _start(hs, db, settle=True)
+    bot = await start_limited(hs, db, settle=True)
     intake = bot.intake
     own_membership(hs, ROOM, "leave")
     await intake.on_sync(
@@ -152,7 +146,7 @@ async def test_g3_a_gap_read_that_fails_leaves_the_room_withheld(db) -> None:
     hs = Homeserver()
     hs.state_room(ROOM)
     hs.state_room(QUIET)
-    bot = await _start(hs, db, settle=True)
+    bot = await start_limited(hs, db, settle=True)
     intake = bot.intake
     since = f"s{hs.pos}"
     hidden = encrypted(hs, ROOM)  # in the gap of a limited sync
