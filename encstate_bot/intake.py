@@ -771,10 +771,12 @@ class Intake:
         why = f"The bot joined {room_id} again: reading back over the time it was away"
         if not await self._keep_unread(kept, None, RESUME_DELAY_SECONDS, why):
             self._lost.add(room_id)
-        # reads kept from before (a start that found the bot out of the room skipped them)
-        for kept in await self._load_unread():
-            if kept.room_id == room_id and kept.from_token != since:
-                self._resume_soon(kept, RESUME_DELAY_SECONDS)
+        # reads kept from before (a start that found the bot out of the room skipped them);
+        # the table is read only when the room has some
+        if self.tracker.unread.get(room_id, set()) - {since}:
+            for earlier in await self._load_unread():
+                if earlier.room_id == room_id and earlier.from_token != since:
+                    self._resume_soon(earlier, RESUME_DELAY_SECONDS)
         await self._fill_gap(room_id, prev_batch, since)
 
     async def _keep_unread(
